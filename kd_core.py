@@ -24,7 +24,7 @@ import torch.nn.functional as F
 __all__ = [
     "DistillTerms", "distill_terms", "kl_div", "label_adjust", "sharpness", "sharpness_gap",
     "agreement", "probability_loyalty", "linear_cka", "ConsistencyMeter",
-    "Adapter", "LoRALinear", "ParallelAdapter", "triton_available",
+    "Adapter", "LoRALinear", "ParallelAdapter", "triton_available", "distill_loss",
 ]
 
 IGNORE_INDEX = -100
@@ -88,6 +88,11 @@ def _check_labels(labels: torch.Tensor, n: int, k: int, ignore_index: int, logit
 # ----------------------------------------------------------------------------------------------
 # Elementary quantities
 # ----------------------------------------------------------------------------------------------
+def _math(x: torch.Tensor) -> torch.Tensor:
+    """Upcast to the math dtype: float32 for fp32/bf16/fp16, float64 stays float64 (exact gradcheck)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def label_adjust(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """Swap ``logits[i, argmax_i]`` and ``logits[i, y_i]`` in every row whose argmax is not its label.
 
@@ -110,7 +115,7 @@ def label_adjust(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int =
 def sharpness(logits: torch.Tensor) -> torch.Tensor:
     """Per-row sharpness ``logsumexp(z)`` of raw logits (PESF-KD eq. 2), fp32, numerically stable."""
     _check_logits("logits", logits)
-    return torch.logsumexp(logits.float(), dim=1)
+    return torch.logsumexp(_math(logits), dim=1)
 
 
 def sharpness_gap(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
@@ -129,8 +134,8 @@ def kl_div(target_logits: torch.Tensor, learner_logits: torch.Tensor, tau: float
     """
     _check_pair("target_logits", target_logits, "learner_logits", learner_logits)
     _check_tau(tau)
-    log_q = F.log_softmax(target_logits.float() / tau, dim=1)
-    log_p = F.log_softmax(learner_logits.float() / tau, dim=1)
+    log_q = F.log_softmax(_math(target_logits) / tau, dim=1)
+    log_p = F.log_softmax(_math(learner_logits) / tau, dim=1)
     per_row = (log_q.exp() * (log_q - log_p)).sum(dim=1) * (tau * tau)
     return _reduce(per_row, reduction, per_row.shape[0], "batchmean")
 
@@ -197,7 +202,7 @@ def distill_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, la
 def _distill_terms_torch(s: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, tau: float, adjust: bool,
                          ignore_index: int, reduction: str, detach_targets: bool) -> DistillTerms:
     """The PyTorch reference path: same semantics as the kernel, eager ops, fp32 math."""
-    s32, t32 = s.float(), t.float()
+    s32, t32 = _math(s), _math(t)
     labels = labels.long()
     valid = labels != ignore_index
     safe = torch.where(valid, labels, torch.zeros_like(labels))[:, None]
@@ -223,30 +228,674 @@ def _distill_terms_torch(s: torch.Tensor, t: torch.Tensor, labels: torch.Tensor,
     return DistillTerms(*rows)
 
 
+# ----------------------------------------------------------------------------------------------
+# The fused Triton kernel family (SPEC sec. 5), Liger-Kernel style: kernels, launchers and the
+# autograd glue side by side. Triton is imported lazily (``_triton_kernels``), so this file still
+# imports with torch alone.
+#
+# The math, once. Per row, with a = s/tau, b = t/tau, LS = lse(a), LT = lse(b), p_s = e^(a-LS),
+# p_t = e^(b-LT), P1 = softmax at tau = 1, y the label, jt = argmax t, js = argmax s, and the
+# swaps pi = (jt y) (target adj(t) of kl_ts) and sigma = (js y) (target adj(s) of kl_st):
+#
+#   forward, one pass over s and t: online max m, Z1 = sum e^(x-m), Zt = sum e^((x-m)/tau) and
+#   W_t = sum e^((t-m_t)/tau) (t-s)/tau (W_s symmetric), merged across blocks (and across split-K
+#   partials) by rescaling with e^(m_old-m_new). Then
+#     D_ts = W_t/Zt_t - LT + LS                    = KL(p_t || p_s) without tau^2 (unadjusted)
+#     D_ts += (a_jt - a_y)(p_t,jt - p_t,y)         label adjustment: only two entries of the target
+#                                                  move, max and lse do not change (closed form)
+#     kl_ts = tau^2 D_ts, symmetric kl_st; lse at tau=1 -> ce = lse - x_y, gap = lse_t - lse_s.
+#   Saved per row (fp32, 32 bytes): LS, LT, lse_s, lse_t, D_ts, D_st, jt, js.
+#
+#   backward, 2-D grid (row blocks x K blocks), upstream per-row grads g_*:
+#     ds = g_kts tau (p_s - p_t o pi) + g_kst tau p_s ((a-LS) - (b o sigma - LT) - D_st)
+#          + (g_ces + g_lses - g_gap) P1_s - g_ces [k=y]
+#     dt = g_kst tau (p_t - p_s o sigma) + g_kts tau p_t ((b-LT) - (a o pi - LS) - D_ts)
+#          + (g_cet + g_lset + g_gap) P1_t - g_cet [k=y]
+#   (the "target" halves vanish with detach_targets; "x o pi" is x read at the swapped index, an
+#   index remap using the six per-row scalars s_y, t_y, s_jt, t_jt, s_js, t_js.)
+#   Ignored rows are masked out of every load, so they give exact zeros even when they hold NaN.
+# ----------------------------------------------------------------------------------------------
+_FIELDS = DistillTerms._fields            # kl_ts, kl_st, ce_s, ce_t, lse_s, lse_t, gap
+_N_STATS = 8                              # LS, LT, lse_s, lse_t, D_ts, D_st, jt, js
+_N_PART = 10                              # split-K partials: (m, Z1, Zt, W, arg) for s and for t
+
+# Launch configuration overrides (tests force several K blocks, several rows per program, split-K;
+# a GPU session can sweep them). Keys: block_k, rows, splits, bwd_block_k, bwd_rows, num_warps.
+_KD_TUNE: dict = {}
+
+
 def triton_available() -> bool:
-    """True when the fused Triton kernel can be used (``triton`` imports)."""
+    """True when the fused Triton kernel can be used (``triton`` imports and the kernels are defined)."""
     return _triton_kernels() is not None
 
 
 _TRITON = None
 
 
+def _interpreting() -> bool:
+    import os
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def _triton_kernels():
     global _TRITON
     if _TRITON is None:
         try:
-            import triton  # noqa: F401
-            _TRITON = False  # the kernel family is added by the fused-kernel work
-        except ImportError:
+            _TRITON = _define_triton_kernels()
+        except Exception:  # ImportError, or a triton too old for the language features used
             _TRITON = False
     return _TRITON or None
+
+
+def _define_triton_kernels():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _kd_row_offsets(rows, stride, OFF64: tl.constexpr):
+        # Element offset of each row. int32 unless some offset of the launch reaches 2^31.
+        if OFF64:
+            return rows.to(tl.int64) * stride
+        else:
+            return rows * stride
+
+    @triton.jit
+    def _kd_merge(m, z1, zt, w, arg, bm, bz1, bzt, bw, barg, inv_tau):
+        # Merge two online-softmax states; each z is relative to its own max (0 when the max is -inf).
+        nm = tl.maximum(m, bm)
+        ns = tl.where(nm == float("-inf"), 0.0, nm)
+        a_old = tl.exp(m - ns)
+        a_new = tl.exp(bm - ns)
+        at_old = tl.exp((m - ns) * inv_tau)
+        at_new = tl.exp((bm - ns) * inv_tau)
+        z1 = z1 * a_old + bz1 * a_new
+        zt = zt * at_old + bzt * at_new
+        w = w * at_old + bw * at_new
+        arg = tl.where(bm > m, barg, arg)  # strict: the earlier (lower) index wins ties
+        return nm, z1, zt, w, arg
+
+    @triton.jit
+    def _kd_block_stats(x, other, mask, k0, inv_tau):
+        xm = tl.where(mask, x, float("-inf"))
+        bm = tl.max(xm, axis=1)
+        barg = tl.argmax(xm, axis=1).to(tl.int32) + k0
+        bs = tl.where(bm == float("-inf"), 0.0, bm)
+        e1 = tl.where(mask, tl.exp(x - bs[:, None]), 0.0)
+        et = tl.where(mask, tl.exp((x - bs[:, None]) * inv_tau), 0.0)
+        bw = tl.sum(tl.where(mask, et * (x - other), 0.0), axis=1) * inv_tau
+        return bm, tl.sum(e1, axis=1), tl.sum(et, axis=1), bw, barg
+
+    @triton.jit
+    def _kd_finalize(s_ptr, t_ptr, off_s, off_t, y, valid, ms, z1s, zts, ws, js, mt, z1t, ztt, wt, jt,
+                 tau, inv_tau, ADJUST: tl.constexpr):
+        mss = tl.where(ms == float("-inf"), 0.0, ms)
+        mts = tl.where(mt == float("-inf"), 0.0, mt)
+        lse_s = mss + tl.log(z1s)
+        lse_t = mts + tl.log(z1t)
+        LS = mss * inv_tau + tl.log(zts)
+        LT = mts * inv_tau + tl.log(ztt)
+        d_ts = wt / ztt - LT + LS
+        d_st = ws / zts - LS + LT
+        sy = tl.load(s_ptr + off_s + y, mask=valid, other=0.0).to(tl.float32)
+        ty = tl.load(t_ptr + off_t + y, mask=valid, other=0.0).to(tl.float32)
+        if ADJUST:
+            s_jt = tl.load(s_ptr + off_s + jt, mask=valid, other=0.0).to(tl.float32)
+            t_jt = tl.load(t_ptr + off_t + jt, mask=valid, other=0.0).to(tl.float32)
+            s_js = tl.load(s_ptr + off_s + js, mask=valid, other=0.0).to(tl.float32)
+            t_js = tl.load(t_ptr + off_t + js, mask=valid, other=0.0).to(tl.float32)
+            c_ts = (s_jt - sy) * inv_tau * (tl.exp(t_jt * inv_tau - LT) - tl.exp(ty * inv_tau - LT))
+            c_st = (t_js - ty) * inv_tau * (tl.exp(s_js * inv_tau - LS) - tl.exp(sy * inv_tau - LS))
+            d_ts += tl.where(jt != y, c_ts, 0.0)
+            d_st += tl.where(js != y, c_st, 0.0)
+        return LS, LT, lse_s, lse_t, d_ts, d_st, sy, ty
+
+    @triton.jit
+    def _kd_store_rows(rows_ptr, stats_ptr, rows, N, row_ok, valid, LS, LT, lse_s, lse_t, d_ts, d_st,
+                   sy, ty, jt, js, tau):
+        zero = tl.zeros_like(LS)
+        tau2 = tau * tau
+        tl.store(rows_ptr + 0 * N + rows, tl.where(valid, tau2 * d_ts, zero), mask=row_ok)
+        tl.store(rows_ptr + 1 * N + rows, tl.where(valid, tau2 * d_st, zero), mask=row_ok)
+        tl.store(rows_ptr + 2 * N + rows, tl.where(valid, lse_s - sy, zero), mask=row_ok)
+        tl.store(rows_ptr + 3 * N + rows, tl.where(valid, lse_t - ty, zero), mask=row_ok)
+        tl.store(rows_ptr + 4 * N + rows, tl.where(valid, lse_s, zero), mask=row_ok)
+        tl.store(rows_ptr + 5 * N + rows, tl.where(valid, lse_t, zero), mask=row_ok)
+        tl.store(rows_ptr + 6 * N + rows, tl.where(valid, lse_t - lse_s, zero), mask=row_ok)
+        tl.store(stats_ptr + 0 * N + rows, LS, mask=row_ok)
+        tl.store(stats_ptr + 1 * N + rows, LT, mask=row_ok)
+        tl.store(stats_ptr + 2 * N + rows, lse_s, mask=row_ok)
+        tl.store(stats_ptr + 3 * N + rows, lse_t, mask=row_ok)
+        tl.store(stats_ptr + 4 * N + rows, d_ts, mask=row_ok)
+        tl.store(stats_ptr + 5 * N + rows, d_st, mask=row_ok)
+        tl.store(stats_ptr + 6 * N + rows, jt.to(tl.float32), mask=row_ok)
+        tl.store(stats_ptr + 7 * N + rows, js.to(tl.float32), mask=row_ok)
+
+    @triton.jit
+    def _kd_grad_tile(s, t, cols, y, valid, jt, js, sy, ty, s_jt, t_jt, s_js, t_js, LS, LT, lse_s, lse_t,
+                  d_ts, d_st, g_kts, g_kst, g_ces, g_cet, g_lses, g_lset, g_gap, tau, inv_tau,
+                  ADJUST: tl.constexpr, DETACH: tl.constexpr):
+        # One [ROWS, BLOCK_K] tile of ds and dt (fp32); see the formulas at the top of this section.
+        a = s * inv_tau
+        b = t * inv_tau
+        lps = a - LS[:, None]
+        lpt = b - LT[:, None]
+        ps = tl.exp(lps)
+        pt = tl.exp(lpt)
+        c = cols[None, :]
+        is_y = c == y[:, None]
+        if ADJUST:
+            at_jt = c == jt[:, None]
+            at_js = c == js[:, None]
+            a_pi = tl.where(at_jt, (sy * inv_tau)[:, None], tl.where(is_y, (s_jt * inv_tau)[:, None], a))
+            b_pi = tl.where(at_jt, (ty * inv_tau)[:, None], tl.where(is_y, (t_jt * inv_tau)[:, None], b))
+            a_sg = tl.where(at_js, (sy * inv_tau)[:, None], tl.where(is_y, (s_js * inv_tau)[:, None], a))
+            b_sg = tl.where(at_js, (ty * inv_tau)[:, None], tl.where(is_y, (t_js * inv_tau)[:, None], b))
+        else:
+            a_pi = a
+            b_pi = b
+            a_sg = a
+            b_sg = b
+        c1s = (g_ces + g_lses - g_gap)[:, None]
+        c1t = (g_cet + g_lset + g_gap)[:, None]
+        ds = (g_kts * tau)[:, None] * (ps - tl.exp(b_pi - LT[:, None])) \
+            + c1s * tl.exp(s - lse_s[:, None]) - tl.where(is_y, g_ces[:, None], 0.0)
+        dt = (g_kst * tau)[:, None] * (pt - tl.exp(a_sg - LS[:, None])) \
+            + c1t * tl.exp(t - lse_t[:, None]) - tl.where(is_y, g_cet[:, None], 0.0)
+        if not DETACH:
+            ds += (g_kst * tau)[:, None] * ps * (lps - (b_sg - LT[:, None]) - d_st[:, None])
+            dt += (g_kts * tau)[:, None] * pt * (lpt - (a_pi - LS[:, None]) - d_ts[:, None])
+        ds = tl.where(valid[:, None], ds, 0.0)
+        dt = tl.where(valid[:, None], dt, 0.0)
+        return ds, dt
+
+    @triton.jit
+    def _kd_grad_loop(s_ptr, t_ptr, ds_ptr, dt_ptr, g_ptr, rows, row_ok, valid, y, jt, js, off_s, off_t,
+                  N, K, stride_ds, stride_dt, g_sf, g_sn, k_start, k_stop, LS, LT, lse_s, lse_t, d_ts, d_st,
+                  sy, ty, tau, inv_tau, BLOCK_K: tl.constexpr, ADJUST: tl.constexpr, DETACH: tl.constexpr,
+                  WRITE_DS: tl.constexpr, WRITE_DT: tl.constexpr, OFF64: tl.constexpr):
+        # Per-row scalars of the index remap and the upstream gradients, then the K blocks.
+        s_jt = tl.load(s_ptr + off_s + jt, mask=valid, other=0.0).to(tl.float32)
+        t_jt = tl.load(t_ptr + off_t + jt, mask=valid, other=0.0).to(tl.float32)
+        s_js = tl.load(s_ptr + off_s + js, mask=valid, other=0.0).to(tl.float32)
+        t_js = tl.load(t_ptr + off_t + js, mask=valid, other=0.0).to(tl.float32)
+        g_kts = tl.load(g_ptr + 0 * g_sf + rows * g_sn, mask=valid, other=0.0)
+        g_kst = tl.load(g_ptr + 1 * g_sf + rows * g_sn, mask=valid, other=0.0)
+        g_ces = tl.load(g_ptr + 2 * g_sf + rows * g_sn, mask=valid, other=0.0)
+        g_cet = tl.load(g_ptr + 3 * g_sf + rows * g_sn, mask=valid, other=0.0)
+        g_lses = tl.load(g_ptr + 4 * g_sf + rows * g_sn, mask=valid, other=0.0)
+        g_lset = tl.load(g_ptr + 5 * g_sf + rows * g_sn, mask=valid, other=0.0)
+        g_gap = tl.load(g_ptr + 6 * g_sf + rows * g_sn, mask=valid, other=0.0)
+        off_ds = _kd_row_offsets(rows, stride_ds, OFF64)
+        off_dt = _kd_row_offsets(rows, stride_dt, OFF64)
+        for k0 in range(k_start, k_stop, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            m2 = row_ok[:, None] & (cols[None, :] < K)
+            lm = valid[:, None] & (cols[None, :] < K)
+            s = tl.load(s_ptr + off_s[:, None] + cols[None, :], mask=lm, other=0.0).to(tl.float32)
+            t = tl.load(t_ptr + off_t[:, None] + cols[None, :], mask=lm, other=0.0).to(tl.float32)
+            ds, dt = _kd_grad_tile(s, t, cols, y, valid, jt, js, sy, ty, s_jt, t_jt, s_js, t_js, LS, LT,
+                               lse_s, lse_t, d_ts, d_st, g_kts, g_kst, g_ces, g_cet, g_lses, g_lset, g_gap,
+                               tau, inv_tau, ADJUST, DETACH)
+            if WRITE_DS:
+                tl.store(ds_ptr + off_ds[:, None] + cols[None, :], ds.to(ds_ptr.dtype.element_ty), mask=m2)
+            if WRITE_DT:
+                tl.store(dt_ptr + off_dt[:, None] + cols[None, :], dt.to(dt_ptr.dtype.element_ty), mask=m2)
+
+    @triton.jit
+    def _kd_fwd_kernel(s_ptr, t_ptr, y_ptr, rows_ptr, stats_ptr, part_ptr, ds_ptr, dt_ptr, g_ptr,
+                      N, K, stride_s, stride_t, stride_ds, stride_dt, g_sf, g_sn, k_per_split,
+                      tau, inv_tau, ignore_index,
+                      ROWS: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, ADJUST: tl.constexpr,
+                      GRAD: tl.constexpr, DETACH: tl.constexpr, WRITE_DS: tl.constexpr,
+                      WRITE_DT: tl.constexpr, OFF64: tl.constexpr):
+        # Grid (row blocks, K splits). One read of s and t per program's K range. SPLIT: store the
+        # partial online-softmax states for kd_merge_kernel; else finalize here and, with GRAD
+        # (gradient-in-forward mode), sweep the row again writing ds and dt (L2-resident re-read).
+        pid_r = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        rows = pid_r * ROWS + tl.arange(0, ROWS)
+        row_ok = rows < N
+        y = tl.load(y_ptr + rows, mask=row_ok, other=ignore_index)
+        valid = row_ok & (y != ignore_index)
+        y = tl.where(valid, y, 0).to(tl.int32)
+        off_s = _kd_row_offsets(rows, stride_s, OFF64)
+        off_t = _kd_row_offsets(rows, stride_t, OFF64)
+        ms = tl.full([ROWS], float("-inf"), tl.float32)
+        mt = tl.full([ROWS], float("-inf"), tl.float32)
+        z1s = tl.zeros([ROWS], tl.float32)
+        zts = tl.zeros([ROWS], tl.float32)
+        ws = tl.zeros([ROWS], tl.float32)
+        z1t = tl.zeros([ROWS], tl.float32)
+        ztt = tl.zeros([ROWS], tl.float32)
+        wt = tl.zeros([ROWS], tl.float32)
+        js = tl.zeros([ROWS], tl.int32)
+        jt = tl.zeros([ROWS], tl.int32)
+        k_start = pid_k * k_per_split
+        k_stop = tl.minimum(k_start + k_per_split, K)
+        for k0 in range(k_start, k_stop, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            mask = valid[:, None] & (cols[None, :] < k_stop)
+            s = tl.load(s_ptr + off_s[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            t = tl.load(t_ptr + off_t[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            bm, bz1, bzt, bw, barg = _kd_block_stats(s, t, mask, k0, inv_tau)
+            ms, z1s, zts, ws, js = _kd_merge(ms, z1s, zts, ws, js, bm, bz1, bzt, bw, barg, inv_tau)
+            bm, bz1, bzt, bw, barg = _kd_block_stats(t, s, mask, k0, inv_tau)
+            mt, z1t, ztt, wt, jt = _kd_merge(mt, z1t, ztt, wt, jt, bm, bz1, bzt, bw, barg, inv_tau)
+        if SPLIT:
+            nsp = tl.num_programs(1)
+            base = part_ptr + (rows * nsp + pid_k) * 10
+            tl.store(base + 0, ms, mask=row_ok)
+            tl.store(base + 1, z1s, mask=row_ok)
+            tl.store(base + 2, zts, mask=row_ok)
+            tl.store(base + 3, ws, mask=row_ok)
+            tl.store(base + 4, js.to(tl.float32), mask=row_ok)
+            tl.store(base + 5, mt, mask=row_ok)
+            tl.store(base + 6, z1t, mask=row_ok)
+            tl.store(base + 7, ztt, mask=row_ok)
+            tl.store(base + 8, wt, mask=row_ok)
+            tl.store(base + 9, jt.to(tl.float32), mask=row_ok)
+        else:
+            LS, LT, lse_s, lse_t, d_ts, d_st, sy, ty = _kd_finalize(
+                s_ptr, t_ptr, off_s, off_t, y, valid, ms, z1s, zts, ws, js, mt, z1t, ztt, wt, jt,
+                tau, inv_tau, ADJUST)
+            _kd_store_rows(rows_ptr, stats_ptr, rows, N, row_ok, valid, LS, LT, lse_s, lse_t, d_ts, d_st,
+                       sy, ty, jt, js, tau)
+            if GRAD:
+                _kd_grad_loop(s_ptr, t_ptr, ds_ptr, dt_ptr, g_ptr, rows, row_ok, valid, y, jt, js, off_s, off_t,
+                          N, K, stride_ds, stride_dt, g_sf, g_sn, 0, K, LS, LT, lse_s, lse_t, d_ts, d_st,
+                          sy, ty, tau, inv_tau, BLOCK_K, ADJUST, DETACH, WRITE_DS, WRITE_DT, OFF64)
+
+    @triton.jit
+    def _kd_merge_kernel(s_ptr, t_ptr, y_ptr, rows_ptr, stats_ptr, part_ptr, N, stride_s, stride_t, n_splits,
+                        tau, inv_tau, ignore_index, ROWS: tl.constexpr, ADJUST: tl.constexpr,
+                        OFF64: tl.constexpr):
+        # Split-K epilogue: merge the partial states of each row (O(N * splits) fp32) and finalize.
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        row_ok = rows < N
+        y = tl.load(y_ptr + rows, mask=row_ok, other=ignore_index)
+        valid = row_ok & (y != ignore_index)
+        y = tl.where(valid, y, 0).to(tl.int32)
+        off_s = _kd_row_offsets(rows, stride_s, OFF64)
+        off_t = _kd_row_offsets(rows, stride_t, OFF64)
+        ms = tl.full([ROWS], float("-inf"), tl.float32)
+        mt = tl.full([ROWS], float("-inf"), tl.float32)
+        z1s = tl.zeros([ROWS], tl.float32)
+        zts = tl.zeros([ROWS], tl.float32)
+        ws = tl.zeros([ROWS], tl.float32)
+        z1t = tl.zeros([ROWS], tl.float32)
+        ztt = tl.zeros([ROWS], tl.float32)
+        wt = tl.zeros([ROWS], tl.float32)
+        js = tl.zeros([ROWS], tl.int32)
+        jt = tl.zeros([ROWS], tl.int32)
+        for sp in range(0, n_splits):
+            base = part_ptr + (rows * n_splits + sp) * 10
+            ms, z1s, zts, ws, js = _kd_merge(
+                ms, z1s, zts, ws, js, tl.load(base + 0, mask=row_ok, other=float("-inf")),
+                tl.load(base + 1, mask=row_ok, other=0.0), tl.load(base + 2, mask=row_ok, other=0.0),
+                tl.load(base + 3, mask=row_ok, other=0.0),
+                tl.load(base + 4, mask=row_ok, other=0.0).to(tl.int32), inv_tau)
+            mt, z1t, ztt, wt, jt = _kd_merge(
+                mt, z1t, ztt, wt, jt, tl.load(base + 5, mask=row_ok, other=float("-inf")),
+                tl.load(base + 6, mask=row_ok, other=0.0), tl.load(base + 7, mask=row_ok, other=0.0),
+                tl.load(base + 8, mask=row_ok, other=0.0),
+                tl.load(base + 9, mask=row_ok, other=0.0).to(tl.int32), inv_tau)
+        LS, LT, lse_s, lse_t, d_ts, d_st, sy, ty = _kd_finalize(
+            s_ptr, t_ptr, off_s, off_t, y, valid, ms, z1s, zts, ws, js, mt, z1t, ztt, wt, jt,
+            tau, inv_tau, ADJUST)
+        _kd_store_rows(rows_ptr, stats_ptr, rows, N, row_ok, valid, LS, LT, lse_s, lse_t, d_ts, d_st,
+                   sy, ty, jt, js, tau)
+
+    @triton.jit
+    def _kd_bwd_kernel(s_ptr, t_ptr, y_ptr, stats_ptr, g_ptr, ds_ptr, dt_ptr, N, K, stride_s, stride_t,
+                      stride_ds, stride_dt, g_sf, g_sn, tau, inv_tau, ignore_index,
+                      ROWS: tl.constexpr, BLOCK_K: tl.constexpr, ADJUST: tl.constexpr, DETACH: tl.constexpr,
+                      WRITE_DS: tl.constexpr, WRITE_DT: tl.constexpr, OFF64: tl.constexpr):
+        # Grid (row blocks, K blocks): each program reads its tile of s and t once and writes its
+        # tile of ds and dt once; everything else comes from the per-row statistics.
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        row_ok = rows < N
+        y = tl.load(y_ptr + rows, mask=row_ok, other=ignore_index)
+        valid = row_ok & (y != ignore_index)
+        y = tl.where(valid, y, 0).to(tl.int32)
+        off_s = _kd_row_offsets(rows, stride_s, OFF64)
+        off_t = _kd_row_offsets(rows, stride_t, OFF64)
+        LS = tl.load(stats_ptr + 0 * N + rows, mask=row_ok, other=0.0)
+        LT = tl.load(stats_ptr + 1 * N + rows, mask=row_ok, other=0.0)
+        lse_s = tl.load(stats_ptr + 2 * N + rows, mask=row_ok, other=0.0)
+        lse_t = tl.load(stats_ptr + 3 * N + rows, mask=row_ok, other=0.0)
+        d_ts = tl.load(stats_ptr + 4 * N + rows, mask=row_ok, other=0.0)
+        d_st = tl.load(stats_ptr + 5 * N + rows, mask=row_ok, other=0.0)
+        jt = tl.load(stats_ptr + 6 * N + rows, mask=row_ok, other=0.0).to(tl.int32)
+        js = tl.load(stats_ptr + 7 * N + rows, mask=row_ok, other=0.0).to(tl.int32)
+        sy = tl.load(s_ptr + off_s + y, mask=valid, other=0.0).to(tl.float32)
+        ty = tl.load(t_ptr + off_t + y, mask=valid, other=0.0).to(tl.float32)
+        k0 = tl.program_id(1) * BLOCK_K
+        _kd_grad_loop(s_ptr, t_ptr, ds_ptr, dt_ptr, g_ptr, rows, row_ok, valid, y, jt, js, off_s, off_t,
+                  N, K, stride_ds, stride_dt, g_sf, g_sn, k0, tl.minimum(k0 + BLOCK_K, K),
+                  LS, LT, lse_s, lse_t, d_ts, d_st, sy, ty, tau, inv_tau, BLOCK_K, ADJUST, DETACH,
+                  WRITE_DS, WRITE_DT, OFF64)
+
+    @triton.jit
+    def _kd_offsets_probe_kernel(out_ptr, rows_ptr, stride, OFF64: tl.constexpr):
+        # Test hook: exposes the row-offset arithmetic of the kernels (int32 vs int64 path).
+        r = tl.load(rows_ptr + tl.arange(0, 4))
+        tl.store(out_ptr + tl.arange(0, 4), _kd_row_offsets(r, stride, OFF64).to(tl.int64))
+
+    # Triton resolves the names a kernel calls through the module globals (the interpreter at run
+    # time, the compiler at the first launch), so the kernels are published there, prefixed.
+    kernels = {k: v for k, v in locals().items() if k.startswith("_kd_")}
+    globals().update(kernels)
+    globals().update(tl=tl)
+    return {"fwd": _kd_fwd_kernel, "merge": _kd_merge_kernel, "bwd": _kd_bwd_kernel,
+            "offsets_probe": _kd_offsets_probe_kernel, "triton": triton, "interpret": _interpreting()}
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, int(x) - 1).bit_length()
+
+
+def _needs_int64(n: int, k: int, *row_strides: int) -> bool:
+    """True when an element offset of an [n, k] launch can reach 2^31 (then the kernels use int64)."""
+    last = max([(n - 1) * st for st in row_strides] + [0]) + k
+    return n * k >= 2 ** 31 or last >= 2 ** 31
+
+
+def _kd_config(n: int, k: int, elem_size: int, device: torch.device) -> dict:
+    """Launch configuration by heuristics on K, N and the dtype (no autotune; see kernels/README.md).
+
+    GPU: a program handles a [ROWS, BLOCK_K] tile of TILE elements per tensor (16-byte vector
+    loads: 4 fp32 or 8 bf16/fp16 per thread), several rows per program when K is small, and split-K
+    in the forward when there are too few row programs to fill the SMs (small N, huge K).
+    Interpreter: the cost is per program and per loop iteration, so the tiles are made large.
+    """
+    interpret = _interpreting()
+    if interpret or device.type != "cuda":
+        tile, n_sm = 1 << 14, 1
+    else:
+        tile = 4096 if elem_size >= 4 else 8192
+        n_sm = torch.cuda.get_device_properties(device).multi_processor_count
+    block_k = _KD_TUNE.get("block_k") or min(_next_pow2(k), tile)
+    # Rows per program: fill the tile, but keep >= 2 programs per SM when N allows it.
+    rows = _KD_TUNE.get("rows") or max(1, min(tile // block_k, 64, _next_pow2(max(1, n // (2 * n_sm)))))
+    row_progs = -(-n // rows)
+    splits = _KD_TUNE.get("splits")
+    if splits is None:
+        splits = 1
+        if not interpret and row_progs < 2 * n_sm and k >= 4 * block_k:
+            splits = min(-(-k // block_k), -(-2 * n_sm // row_progs))
+    k_per_split = -(-(-(-k // max(1, splits))) // block_k) * block_k
+    splits = -(-k // k_per_split)
+    bwd_block_k = _KD_TUNE.get("bwd_block_k") or min(_next_pow2(k), tile)
+    bwd_rows = _KD_TUNE.get("bwd_rows") or max(1, min(tile // bwd_block_k, 64, _next_pow2(max(1, n))))
+    num_warps = _KD_TUNE.get("num_warps") or (4 if rows * block_k <= 2048 else 8)
+    return {"block_k": block_k, "rows": rows, "splits": splits, "k_per_split": k_per_split,
+            "bwd_block_k": bwd_block_k, "bwd_rows": bwd_rows, "num_warps": num_warps}
+
+
+def _prep(s: torch.Tensor, t: torch.Tensor, labels: torch.Tensor):
+    # Rows may have any stride; columns must be unit-stride (copied otherwise).
+    if s.stride(1) != 1 and s.shape[1] > 1:
+        s = s.contiguous()
+    if t.stride(1) != 1 and t.shape[1] > 1:
+        t = t.contiguous()
+    return s, t, labels.to(torch.int64).contiguous()
+
+
+def _launch_fwd(s, t, labels, tau, adjust, ignore_index, grad=None):
+    """Forward launcher: per-row values [7, N] and saved statistics [8, N], both fp32.
+
+    ``grad = (g [7] fp32 weights, detach, write_ds, write_dt)`` selects gradient-in-forward mode and
+    also returns (ds, dt) (freshly allocated, in the input dtypes)."""
+    kern = _triton_kernels()
+    s, t, labels = _prep(s, t, labels)
+    n, k = s.shape
+    cfg = _kd_config(n, k, s.element_size(), s.device)
+    rows = torch.empty((7, n), dtype=torch.float32, device=s.device)
+    stats = torch.empty((_N_STATS, n), dtype=torch.float32, device=s.device)
+    ds = dt = None
+    g = rows
+    write_ds = write_dt = detach = False
+    if grad is not None:
+        g, detach, write_ds, write_dt = grad
+        ds = torch.empty((n, k), dtype=s.dtype, device=s.device) if write_ds else s.new_empty(0)
+        dt = torch.empty((n, k), dtype=t.dtype, device=t.device) if write_dt else t.new_empty(0)
+    off64 = _needs_int64(n, k, s.stride(0), t.stride(0))
+    split = cfg["splits"] > 1
+    part = torch.empty((n, cfg["splits"], _N_PART), dtype=torch.float32, device=s.device) if split else rows
+    row_progs = -(-n // cfg["rows"])
+    fused = grad is not None and not split
+    kern["fwd"][(row_progs, cfg["splits"])](
+        s, t, labels, rows, stats, part, ds if fused and write_ds else s, dt if fused and write_dt else t, g,
+        n, k, s.stride(0), t.stride(0), k, k, 1, 0, cfg["k_per_split"],
+        tau, 1.0 / tau, ignore_index,
+        ROWS=cfg["rows"], BLOCK_K=cfg["block_k"], SPLIT=split, ADJUST=adjust, GRAD=fused, DETACH=detach,
+        WRITE_DS=fused and write_ds, WRITE_DT=fused and write_dt, OFF64=off64, num_warps=cfg["num_warps"])
+    if split:
+        kern["merge"][(row_progs,)](s, t, labels, rows, stats, part, n, s.stride(0), t.stride(0), cfg["splits"],
+                                    tau, 1.0 / tau, ignore_index, ROWS=cfg["rows"], ADJUST=adjust, OFF64=off64)
+        if grad is not None and (write_ds or write_dt):
+            _launch_bwd_into(s, t, labels, stats, g, 1, 0, tau, adjust, ignore_index, detach, ds, dt,
+                             write_ds, write_dt, cfg)
+    return rows, stats, ds, dt
+
+
+def _launch_bwd_into(s, t, labels, stats, g, g_sf, g_sn, tau, adjust, ignore_index, detach, ds, dt,
+                     write_ds, write_dt, cfg):
+    kern = _triton_kernels()
+    n, k = s.shape
+    off64 = _needs_int64(n, k, s.stride(0), t.stride(0))
+    grid = (-(-n // cfg["bwd_rows"]), -(-k // cfg["bwd_block_k"]))
+    kern["bwd"][grid](
+        s, t, labels, stats, g, ds if write_ds else s, dt if write_dt else t, n, k, s.stride(0), t.stride(0),
+        k, k, g_sf, g_sn, tau, 1.0 / tau, ignore_index,
+        ROWS=cfg["bwd_rows"], BLOCK_K=cfg["bwd_block_k"], ADJUST=adjust, DETACH=detach,
+        WRITE_DS=write_ds, WRITE_DT=write_dt, OFF64=off64,
+        num_warps=4 if cfg["bwd_rows"] * cfg["bwd_block_k"] <= 2048 else 8)
+
+
+def _launch_bwd(grad_rows, s, t, labels, stats, tau, adjust, ignore_index, detach, need_ds, need_dt):
+    s, t, labels = _prep(s, t, labels)
+    n, k = s.shape
+    cfg = _kd_config(n, k, s.element_size(), s.device)
+    grad_rows = grad_rows.float()
+    ds = torch.empty((n, k), dtype=s.dtype, device=s.device) if need_ds else s.new_empty(0)
+    dt = torch.empty((n, k), dtype=t.dtype, device=t.device) if need_dt else t.new_empty(0)
+    if need_ds or need_dt:
+        _launch_bwd_into(s, t, labels, stats, grad_rows, grad_rows.stride(0), grad_rows.stride(1), tau, adjust,
+                         ignore_index, detach, ds, dt, need_ds, need_dt, cfg)
+    return ds, dt
+
+
+def _kernel_runs_on(x: torch.Tensor) -> bool:
+    # The kernel runs on CUDA tensors, and on CPU tensors under the Triton interpreter.
+    return triton_available() and (x.is_cuda or _TRITON["interpret"])
+
+
+def _rows_torch(s, t, labels, tau, adjust, ignore_index, detach):
+    return torch.stack(list(_distill_terms_torch(s, t, labels, tau, adjust, ignore_index, "none", detach)))
+
+
+# torch.library custom ops: opaque to torch.compile (fake impls give the shapes), differentiable
+# through register_autograd. On CPU tensors without the interpreter they run the torch math, so
+# graphs that contain them stay portable (and testable) on any machine.
+@torch.library.custom_op("pesf_kd::distill_fwd", mutates_args=())
+def _op_distill_fwd(s: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, tau: float, adjust: bool,
+                    ignore_index: int, detach_targets: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    if _kernel_runs_on(s):
+        rows, stats, _, _ = _launch_fwd(s, t, labels, tau, adjust, ignore_index)
+        return rows, stats
+    with torch.no_grad():
+        rows = _rows_torch(s, t, labels, tau, adjust, ignore_index, detach_targets)
+    return rows, torch.zeros((_N_STATS, s.shape[0]), dtype=torch.float32, device=s.device)
+
+
+@_op_distill_fwd.register_fake
+def _(s, t, labels, tau, adjust, ignore_index, detach_targets):
+    n = s.shape[0]
+    return s.new_empty((7, n), dtype=torch.float32), s.new_empty((_N_STATS, n), dtype=torch.float32)
+
+
+@torch.library.custom_op("pesf_kd::distill_bwd", mutates_args=())
+def _op_distill_bwd(grad_rows: torch.Tensor, s: torch.Tensor, t: torch.Tensor, labels: torch.Tensor,
+                    stats: torch.Tensor, tau: float, adjust: bool, ignore_index: int, detach_targets: bool,
+                    need_ds: bool, need_dt: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    if _kernel_runs_on(s):
+        return _launch_bwd(grad_rows, s, t, labels, stats, tau, adjust, ignore_index, detach_targets,
+                           need_ds, need_dt)
+    with torch.enable_grad():
+        s_, t_ = s.detach().requires_grad_(), t.detach().requires_grad_()
+        rows = _rows_torch(s_, t_, labels, tau, adjust, ignore_index, detach_targets)
+        ds, dt = torch.autograd.grad(rows, (s_, t_), grad_rows, allow_unused=True)
+    ds = torch.zeros_like(s) if ds is None else ds
+    dt = torch.zeros_like(t) if dt is None else dt
+    return (ds.contiguous() if need_ds else s.new_empty(0)), (dt.contiguous() if need_dt else t.new_empty(0))
+
+
+@_op_distill_bwd.register_fake
+def _(grad_rows, s, t, labels, stats, tau, adjust, ignore_index, detach_targets, need_ds, need_dt):
+    return (s.new_empty(s.shape) if need_ds else s.new_empty(0)), (t.new_empty(t.shape) if need_dt else t.new_empty(0))
+
+
+def _distill_fwd_setup(ctx, inputs, output):
+    s, t, labels, tau, adjust, ignore_index, detach_targets = inputs
+    ctx.save_for_backward(s, t, labels, output[1])
+    ctx.args = (tau, adjust, ignore_index, detach_targets)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _distill_fwd_backward(ctx, grad_rows, grad_stats):
+    s, t, labels, stats = ctx.saved_tensors
+    tau, adjust, ignore_index, detach_targets = ctx.args
+    need_ds, need_dt = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    ds, dt = torch.ops.pesf_kd.distill_bwd(grad_rows, s, t, labels, stats, tau, adjust, ignore_index,
+                                           detach_targets, need_ds, need_dt)
+    return (ds if need_ds else None), (dt if need_dt else None), None, None, None, None, None
+
+
+_op_distill_fwd.register_autograd(_distill_fwd_backward, setup_context=_distill_fwd_setup)
+
+
+def _count_valid(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    return (labels != ignore_index).sum().clamp(min=1)
 
 
 def _distill_terms_triton(s, t, labels, tau, adjust, ignore_index, reduction, detach_targets) -> DistillTerms:
     if not triton_available():
         raise RuntimeError("backend='triton' needs the triton package and its fused kernel; "
                            "use backend='torch' or 'auto'")
-    raise NotImplementedError
+    if not (s.is_cuda or _TRITON["interpret"]):
+        raise RuntimeError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before triton is "
+                           "imported, to run the kernel on CPU tensors); use backend='torch' or 'auto'")
+    rows, _ = torch.ops.pesf_kd.distill_fwd(s, t, labels, tau, adjust, ignore_index, detach_targets)
+    if reduction == "sum":
+        rows = rows.sum(dim=1)
+    elif reduction == "mean":
+        rows = rows.sum(dim=1) / _count_valid(labels, ignore_index)
+    return DistillTerms(*rows.unbind(0))
+
+
+# ---- gradient-in-forward mode -------------------------------------------------------------------
+# The loss weights are known before the forward, so the forward kernel writes ds and dt (into new
+# buffers, never into s, t or anything autograd saved) and the backward only scales them by the
+# incoming gradient: when that gradient is exactly 1 (eager, plain loss.backward()) it returns the
+# buffers as they are, otherwise a scaled copy (retain_graph-safe: the saved buffers never change).
+@torch.library.custom_op("pesf_kd::distill_loss_fused", mutates_args=())
+def _op_distill_loss(s: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, weights: list[float], tau: float,
+                     adjust: bool, ignore_index: int, detach_targets: bool, reduction: str, need_ds: bool,
+                     need_dt: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    w = torch.tensor(weights, dtype=torch.float32, device=s.device)
+    scale = (1.0 / _count_valid(labels, ignore_index).float()) if reduction == "mean" else \
+        torch.ones((), dtype=torch.float32, device=s.device)
+    g = (w * scale).contiguous()
+    if _kernel_runs_on(s):
+        rows, _, ds, dt = _launch_fwd(s, t, labels, tau, adjust, ignore_index,
+                                      grad=(g, detach_targets, need_ds, need_dt))
+    else:
+        with torch.enable_grad():
+            s_, t_ = s.detach().requires_grad_(), t.detach().requires_grad_()
+            rows_g = _rows_torch(s_, t_, labels, tau, adjust, ignore_index, detach_targets)
+            ds, dt = torch.autograd.grad(rows_g, (s_, t_), g[:, None].expand_as(rows_g), allow_unused=True)
+        rows = rows_g.detach()
+        ds = (torch.zeros_like(s) if ds is None else ds.contiguous()) if need_ds else s.new_empty(0)
+        dt = (torch.zeros_like(t) if dt is None else dt.contiguous()) if need_dt else t.new_empty(0)
+    loss = (rows * g[:, None]).sum()
+    return loss, rows, ds, dt
+
+
+@_op_distill_loss.register_fake
+def _(s, t, labels, weights, tau, adjust, ignore_index, detach_targets, reduction, need_ds, need_dt):
+    n = s.shape[0]
+    return (s.new_empty((), dtype=torch.float32), s.new_empty((7, n), dtype=torch.float32),
+            s.new_empty(s.shape) if need_ds else s.new_empty(0), t.new_empty(t.shape) if need_dt else t.new_empty(0))
+
+
+def _distill_loss_setup(ctx, inputs, output):
+    _, rows, ds, dt = output
+    ctx.mark_non_differentiable(rows, ds, dt)
+    # Held as attributes (not save_for_backward) so that autograd never "steals" the buffer into a
+    # .grad that a later in-place op (zero_grad) could modify while the graph is retained.
+    ctx.ds, ctx.dt = ds, dt
+
+
+def _distill_loss_backward(ctx, g_loss, g_rows, g_ds, g_dt):
+    ds, dt = ctx.ds, ctx.dt
+    need_ds, need_dt = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    plain = not torch.compiler.is_compiling() and not (
+        g_loss.is_cuda and torch.cuda.is_current_stream_capturing())
+    if not (plain and bool(g_loss == 1)):
+        ds = ds * g_loss.to(ds.dtype) if need_ds and ds.numel() else ds
+        dt = dt * g_loss.to(dt.dtype) if need_dt and dt.numel() else dt
+    return ((ds if need_ds and ds.numel() else None), (dt if need_dt and dt.numel() else None),
+            None, None, None, None, None, None, None, None, None)
+
+
+_op_distill_loss.register_autograd(_distill_loss_backward, setup_context=_distill_loss_setup)
+
+
+def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, tau: float,
+                 weights: dict[str, float], adjust: bool = True, detach_targets: bool = False,
+                 ignore_index: int = IGNORE_INDEX, backend: str = "auto",
+                 reduction: str = "mean") -> tuple[torch.Tensor, DistillTerms]:
+    """Weighted loss ``sum_f weights[f] * distill_terms(...).f`` and the terms (detached, for logging).
+
+    ``weights``: keys among ``DistillTerms._fields`` (usually kl_ts, kl_st, ce_s, ce_t), missing = 0.
+    With the Triton backend this is the gradient-in-forward mode: the forward also writes both
+    gradients (four passes over the logits instead of six) into fresh buffers, and the backward only
+    scales them by the incoming gradient. With ``backend="torch"`` the same loss is built from the
+    reference path, so training code can call this function on any device. ``reduction``: "mean"
+    over the non-ignored rows (default) or "sum".
+    """
+    _check_pair("student_logits", student_logits, "teacher_logits", teacher_logits)
+    _check_labels(labels, student_logits.shape[0], student_logits.shape[1], ignore_index, student_logits.shape)
+    _check_tau(tau)
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+    unknown = set(weights) - set(_FIELDS)
+    if unknown:
+        raise ValueError(f"weights keys must be among {_FIELDS}, got {sorted(unknown)}")
+    w = [float(weights.get(f, 0.0)) for f in _FIELDS]
+    use_triton = backend == "triton" or (backend == "auto" and student_logits.is_cuda and triton_available())
+    if not use_triton:
+        terms = _distill_terms_torch(student_logits, teacher_logits, labels, float(tau), adjust, ignore_index,
+                                     reduction, detach_targets)
+        loss = sum(wf * x for wf, x in zip(w, terms) if wf != 0.0)
+        if not isinstance(loss, torch.Tensor):
+            loss = torch.zeros((), dtype=torch.float32, device=student_logits.device)
+        return loss, DistillTerms(*(x.detach() for x in terms))
+    if not triton_available() or not (student_logits.is_cuda or _TRITON["interpret"]):
+        raise RuntimeError("backend='triton' needs triton and CUDA tensors (or TRITON_INTERPRET=1); "
+                           "use backend='torch' or 'auto'")
+    need_ds = student_logits.requires_grad and torch.is_grad_enabled()
+    need_dt = teacher_logits.requires_grad and torch.is_grad_enabled()
+    loss, rows, _, _ = torch.ops.pesf_kd.distill_loss_fused(
+        student_logits, teacher_logits, labels, w, float(tau), adjust, ignore_index, detach_targets, reduction,
+        need_ds, need_dt)
+    red = rows.sum(dim=1)
+    if reduction == "mean":
+        red = red / _count_valid(labels, ignore_index)
+    return loss, DistillTerms(*red.detach().unbind(0))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -375,8 +1024,9 @@ class ConsistencyMeter:
             dist.all_reduce(has, op=dist.ReduceOp.MIN)
             out = _CKAStats()
             if has.item() == 1.0:
-                parts = [p.to(device) for p in st.tensors()] + [torch.tensor([st.n], dtype=torch.float64,
-                                                                             device=device)]
+                # copy=True: all_reduce is in place and must not change this rank's own sums
+                parts = [p.to(device, copy=True) for p in st.tensors()]
+                parts.append(torch.tensor([st.n], dtype=torch.float64, device=device))
                 for p in parts:
                     dist.all_reduce(p)
                 out.sx, out.sy, out.xx, out.yy, out.yx = (p.cpu() for p in parts[:5])

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import shutil
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -75,9 +74,11 @@ class _Embeddings(nn.Module):
 
 
 class _Linears(nn.Module):
-    def __init__(self, **linears: nn.Module) -> None:
+    """A plain container, only there to give parameters Hugging Face's names."""
+
+    def __init__(self, /, **modules: nn.Module) -> None:
         super().__init__()
-        for name, module in linears.items():
+        for name, module in modules.items():
             setattr(self, name, module)
 
 
@@ -101,7 +102,7 @@ class BertLayer(nn.Module):
                 scores: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``mask``: additive [N, 1, 1, T]. Returns the output and, if ``scores``, the attention scores
         QK^T/sqrt(d) before the mask and the softmax."""
-        sites = sites or {}
+        attn_site, out_site = (None, None) if sites is None else (sites["attention"], sites["output"])
         n, t, _ = x.shape
         attn = self.attention.self
         q, k, v = (lin(x).view(n, t, self.heads, self.head_dim).transpose(1, 2)
@@ -109,15 +110,15 @@ class BertLayer(nn.Module):
         p_attn = self.p_attn if self.training else 0.0
         raw = None
         if scores:
-            raw = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim)
+            raw = (q @ k.transpose(-1, -2)) * self.head_dim ** -0.5
             ctx = F.dropout(torch.softmax(raw + mask, dim=-1), p_attn, self.training) @ v
         else:
             ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p_attn)
         ctx = ctx.transpose(1, 2).reshape(n, t, -1)
         out = self.attention.output
-        h = out.LayerNorm(F.dropout(project(out.dense, sites.get("attention"), ctx), self.p_hidden, self.training) + x)
+        h = out.LayerNorm(F.dropout(project(out.dense, attn_site, ctx), self.p_hidden, self.training) + x)
         inter = self.act(self.intermediate.dense(h))
-        y = self.output.LayerNorm(F.dropout(project(self.output.dense, sites.get("output"), inter),
+        y = self.output.LayerNorm(F.dropout(project(self.output.dense, out_site, inter),
                                             self.p_hidden, self.training) + h)
         return y, raw
 
@@ -188,8 +189,9 @@ class BertForSequenceClassification(Adaptable):
         if adapter is not None and slot == "layers":
             self.adapters = nn.ModuleList(
                 nn.ModuleDict({site: make_adapter(adapter, c.hidden_size, bottleneck, scale=scale, alpha=alpha,
-                                                  linear=None if adapter == "houlsby" else getattr(layer, site).dense)
-                               for site, layer in (("attention", layer.attention), ("output", layer))})
+                                                  linear=None if adapter == "houlsby" else dense)
+                               for site, dense in (("attention", layer.attention.output.dense),
+                                                   ("output", layer.output.dense))})
                 for layer in self.bert.encoder.layer)
         self._make_head_adapter(adapter if slot == "head" else None, c.hidden_size, self.classifier,
                                 bottleneck, scale, alpha)

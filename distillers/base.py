@@ -1,0 +1,86 @@
+"""The one interface every distillation method implements (after mdistiller's ``Distiller``)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+
+@dataclass
+class DistillConfig:
+    """Loss weights and learning rates shared by the methods; every value comes from the run config."""
+    alpha: float = 0.9          # weight of the KL term (1 - alpha on the student's CE)
+    tau: float = 4.0            # KD temperature
+    w_tce: float = 0.5          # weight of the teacher's own CE (FT-KD, PESF-KD)
+    w_tkl: float | None = None  # weight of PESF-KD's student-to-teacher KL; None: alpha
+    label_adjust: bool | None = None   # None: the method's default (on for ftkd / pesf)
+    lr: float = 0.05            # student (and extra student-side modules)
+    teacher_lr: float = 1e-3    # teachers trained in full (ftkd, dml, kdcl)
+    adapter_lr: float = 1e-4    # teacher adapters (pesf)
+    feat_weight: float | None = None   # beta of a feature term; None: the term's default
+    backend: str = "auto"       # kd_core backend
+
+
+class Distiller(nn.Module):
+    """Owns a student, an optional teacher and any extra trainable modules of one method.
+
+    ``forward(x, y, index)`` returns the student logits and a dict of named, already weighted
+    losses whose sum is minimised. ``train()`` keeps frozen parts in eval mode. ``param_groups()``
+    says which parameters are trained and at which base learning rate.
+    """
+
+    needs_teacher = True
+    teacher_mode = "frozen"     # "frozen" | "adapters" | "full"
+
+    def __init__(self, student: nn.Module, teacher: nn.Module | None, cfg: DistillConfig) -> None:
+        super().__init__()
+        if self.needs_teacher and teacher is None:
+            raise ValueError(f"method {type(self).__name__} needs a teacher")
+        self.student = student
+        self.teacher = teacher if self.needs_teacher else None
+        self.cfg = cfg
+        if self.teacher is not None:
+            if self.teacher_mode == "frozen":
+                self.teacher.requires_grad_(False)
+            elif self.teacher_mode == "adapters":
+                self.teacher.freeze_backbone()
+
+    def train(self, mode: bool = True) -> "Distiller":
+        super().train(mode)
+        if self.teacher is not None and self.teacher_mode == "frozen":
+            self.teacher.eval()
+        return self
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor | None = None):
+        raise NotImplementedError
+
+    def extra_modules(self) -> dict[str, nn.Module]:
+        """Trainable student-side modules besides the student (projection heads, embeddings)."""
+        return {}
+
+    def param_groups(self) -> list[dict]:
+        groups = [{"name": "student", "params": list(self.student.parameters()), "lr": self.cfg.lr}]
+        extra = [p for m in self.extra_modules().values() for p in m.parameters() if p.requires_grad]
+        if extra:
+            groups.append({"name": "extra", "params": extra, "lr": self.cfg.lr})
+        if self.teacher is not None and self.teacher_mode == "full":
+            groups.append({"name": "teacher", "params": list(self.teacher.parameters()), "lr": self.cfg.teacher_lr})
+        if self.teacher is not None and self.teacher_mode == "adapters":
+            groups.append({"name": "adapters", "params": [p for p in self.teacher.parameters() if p.requires_grad],
+                           "lr": self.cfg.adapter_lr})
+        return [g for g in groups if g["params"]]
+
+    def trainable_module_names(self) -> list[str]:
+        """Direct children that hold trained parameters (those are what DDP wraps)."""
+        names = ["student", *self.extra_modules()]
+        if self.teacher is not None and self.teacher_mode != "frozen":
+            names.append("teacher")
+        return names
+
+    def updated_params(self) -> int:
+        """Number of parameters the optimiser updates (the paper's "params" column)."""
+        return sum(p.numel() for g in self.param_groups() for p in g["params"] if p.requires_grad)
+
+    def use_label_adjust(self, default: bool) -> bool:
+        return default if self.cfg.label_adjust is None else self.cfg.label_adjust

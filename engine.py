@@ -1,0 +1,362 @@
+"""Plumbing shared by the training scripts: config, torchrun/DDP, RNG, checkpoints, logs, progress.
+
+Everything here is method- and data-agnostic; the scripts read top to bottom and call into it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+import types
+import typing
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+
+
+# ----------------------------------------------------------------------------------------------
+# Config: one dataclass per script; YAML file, then --set key=value, then dedicated flags.
+# ----------------------------------------------------------------------------------------------
+class ConfigError(ValueError):
+    pass
+
+
+def _coerce(name: str, value, hint):
+    """Check ``value`` against the dataclass field type ``hint`` (int -> float widening allowed)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(name, value, option)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if errors else f"{name}: bad value {value!r}")
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name} must be a list, got {value!r}")
+        return [_coerce(name, v, item) for v in value]
+    if hint is float:
+        # PyYAML reads "1e-4" (no dot) as a string: accept any spelling float() accepts.
+        try:
+            if not isinstance(value, bool):
+                return float(value)
+        except (TypeError, ValueError):
+            pass
+        raise ConfigError(f"{name} must be a number, got {value!r}")
+    if hint is bool and not isinstance(value, bool):
+        raise ConfigError(f"{name} must be true or false, got {value!r}")
+    if hint is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{name} must be an integer, got {value!r}")
+    if hint is str and not isinstance(value, str):
+        raise ConfigError(f"{name} must be a string, got {value!r}")
+    return value
+
+
+def build_config(cls, path: str | None = None, sets: list[str] | None = None, overrides: dict | None = None):
+    """Make a ``cls`` dataclass from a YAML file, ``key=value`` strings and explicit overrides.
+
+    Unknown keys are an error that lists the valid ones; values are type-checked.
+    """
+    hints = typing.get_type_hints(cls)
+    values: dict = {}
+    if path:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path} must hold a mapping of key: value, got {type(loaded).__name__}")
+        values.update(loaded)
+    for item in sets or []:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        values[key.strip()] = yaml.safe_load(raw)
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    unknown = sorted(set(values) - set(hints))
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(hints))}")
+    return cls(**{k: _coerce(k, v, hints[k]) for k, v in values.items()})
+
+
+def config_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+# ----------------------------------------------------------------------------------------------
+# torchrun / DDP
+# ----------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str = "auto") -> Dist:
+    """Set up the process group when launched by torchrun (NCCL on CUDA, gloo on CPU)."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "cuda":
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return Dist(rank, world, local_rank, dev)
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+def broadcast_object(obj, src: int = 0):
+    if dist.is_available() and dist.is_initialized():
+        holder = [obj]
+        dist.broadcast_object_list(holder, src=src)
+        return holder[0]
+    return obj
+
+
+def unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    return module.module if isinstance(module, torch.nn.parallel.DistributedDataParallel) else module
+
+
+def shutdown_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------
+# Randomness: seeding and exact save/restore for resume
+# ----------------------------------------------------------------------------------------------
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """Every RNG state as tensors and plain values, so checkpoints load with ``weights_only=True``."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
+                                                     gauss), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: written atomically, so a crash mid-write leaves the previous one intact
+# ----------------------------------------------------------------------------------------------
+def save_atomic(obj, path: str | Path) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_file(path: str | Path, what: str) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Learning-rate schedule: base lr per parameter group, all scaled by one factor
+# ----------------------------------------------------------------------------------------------
+def lr_factor(epoch: float, epochs: int, schedule: str, milestones: list[int], decay: float,
+              warmup_epochs: float = 0.0) -> float:
+    """Factor applied to every group's base lr at (fractional) ``epoch``."""
+    if warmup_epochs > 0 and epoch < warmup_epochs:
+        return (epoch + 1) / (warmup_epochs + 1)
+    if schedule == "step":
+        return decay ** sum(epoch >= m for m in milestones)
+    if schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * min(epoch, epochs) / epochs))
+    raise ConfigError(f"lr_schedule must be 'step' or 'cosine', got {schedule!r}")
+
+
+def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = group["base_lr"] * factor
+
+
+# ----------------------------------------------------------------------------------------------
+# Logs: config.yaml, metrics.jsonl, summary.json in the run folder; console on rank 0
+# ----------------------------------------------------------------------------------------------
+class RunLog:
+    def __init__(self, out: str | Path, enabled: bool = True) -> None:
+        self.out = Path(out)
+        self.enabled = enabled
+        if enabled:
+            self.out.mkdir(parents=True, exist_ok=True)
+
+    def print(self, *args) -> None:
+        if self.enabled:
+            print(*args, flush=True)
+
+    def write_config(self, cfg: dict) -> None:
+        if self.enabled:
+            (self.out / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+
+    def append_metrics(self, row: dict) -> None:
+        if self.enabled:
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def truncate_metrics(self, epochs_done: int) -> None:
+        """On resume, drop rows of epochs after the checkpoint (they are trained again)."""
+        path = self.out / "metrics.jsonl"
+        if self.enabled and path.exists():
+            rows = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["epoch"] <= epochs_done]
+            path.write_text("".join(r + "\n" for r in rows))
+
+    def write_summary(self, summary: dict) -> None:
+        if self.enabled:
+            tmp = self.out / ".summary.json.tmp"
+            tmp.write_text(json.dumps(summary, indent=2) + "\n")
+            os.replace(tmp, self.out / "summary.json")
+
+
+class Progress:
+    """One console line per ``every`` steps with rate and ETA for the whole run."""
+
+    def __init__(self, total_steps: int, log: RunLog, every: int = 50) -> None:
+        self.total = total_steps
+        self.log = log
+        self.every = max(1, every)
+        self.start = time.perf_counter()
+        self.done = 0
+
+    def step(self, epoch: int, epochs: int, i: int, n: int, loss: float | None = None) -> None:
+        self.done += 1
+        if not self.log.enabled or (i + 1) % self.every and i + 1 != n:
+            return
+        elapsed = time.perf_counter() - self.start
+        rate = self.done / max(elapsed, 1e-9)
+        eta = (self.total - self.done) / max(rate, 1e-9)
+        msg = f"epoch {epoch + 1}/{epochs} [{i + 1}/{n}] {1000 / rate:.1f} ms/step, ETA {_hms(eta)}"
+        if loss is not None:
+            msg += f", loss {loss:.4f}"
+        print(msg, file=sys.stdout, flush=True)
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+# ----------------------------------------------------------------------------------------------
+# The training step: eager, or the whole step (forward, backward, optimiser) in one CUDA graph
+# ----------------------------------------------------------------------------------------------
+class TrainStep:
+    """Runs ``loss_fn(x, y, index) -> (logits, {name: loss})``, backward and the optimiser step.
+
+    Returns the detached losses stacked as ``[total, *terms]`` (names in ``self.names``), left on
+    the device so that the caller decides when to synchronise. With ``cuda_graph`` the first
+    ``warmup`` calls run eagerly on a side stream, then the whole step is captured once and
+    replayed; ``invalidate()`` (after a learning-rate change, since the graph bakes in the lr)
+    makes the next call capture again. At batch 64 the eager step is bound by kernel launches on
+    the CPU; one graph replay removes that (SPEC sec. 6).
+    """
+
+    def __init__(self, loss_fn, optimizer: torch.optim.Optimizer, amp_dtype: torch.dtype | None,
+                 device: torch.device, cuda_graph: bool = False, warmup: int = 3) -> None:
+        self.loss_fn = loss_fn
+        self.optimizer = optimizer
+        self.amp_dtype = amp_dtype
+        self.device = device
+        self.cuda_graph = cuda_graph and device.type == "cuda"
+        self.warmup = warmup
+        self.names: list[str] | None = None
+        self.calls = 0
+        self.graph = None
+        self.static: tuple | None = None
+
+    def _step(self, x, y, index) -> torch.Tensor:
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                            enabled=self.amp_dtype is not None, cache_enabled=not self.cuda_graph):
+            _, losses = self.loss_fn(x, y, index)
+        if self.names is None:
+            self.names = ["loss", *losses]
+        total = sum(losses.values())
+        total.backward()
+        self.optimizer.step()
+        return torch.stack([total.detach(), *(v.detach().float() for v in losses.values())])
+
+    def invalidate(self) -> None:
+        self.graph = None
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if not self.cuda_graph:
+            self.optimizer.zero_grad(set_to_none=True)
+            return self._step(x, y, index)
+        if self.calls <= self.warmup:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self.optimizer.zero_grad(set_to_none=True)
+                out = self._step(x, y, index)
+            torch.cuda.current_stream().wait_stream(side)
+            return out
+        if self.graph is None or self.static is None or self.static[0].shape != x.shape:
+            self._capture(x, y, index)
+        sx, sy, si, sout = self.static
+        sx.copy_(x)
+        sy.copy_(y)
+        si.copy_(index)
+        self.graph.replay()
+        return sout.clone()
+
+    def _capture(self, x, y, index) -> None:
+        self.graph = None
+        torch.cuda.synchronize()
+        sx, sy, si = x.clone(), y.clone(), index.clone()
+        graph = torch.cuda.CUDAGraph()
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.cuda.graph(graph):
+            sout = self._step(sx, sy, si)
+        self.graph, self.static = graph, (sx, sy, si, sout)

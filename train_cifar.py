@@ -1,0 +1,507 @@
+"""CIFAR-100 experiments of the PESF-KD paper (Tables 1, 4, 7, 8, 10, 12, 14).
+
+    python train_cifar.py --quickstart
+    python train_cifar.py --config configs/cifar/teacher_resnet56.yaml
+    python train_cifar.py --config configs/cifar/pesf_resnet56_resnet20.yaml --teacher-ckpt runs/teacher_resnet56/best.pt
+    torchrun --nproc_per_node=2 train_cifar.py --method kd --teacher-ckpt T.pt
+
+Reads top to bottom: parse config -> build data -> build models -> build method -> train and
+evaluate -> write results. The whole data set lives on the device as uint8; crop, flip and
+normalisation run there, so that the data pipeline keeps up with a CUDA-graph training step.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import pickle
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+import engine
+import kd_core
+import models
+from distillers import DistillConfig, build_distiller, needs_teacher
+
+CIFAR_MEAN = (0.5071, 0.4865, 0.4409)
+CIFAR_STD = (0.2673, 0.2564, 0.2762)
+NUM_CLASSES = 100
+
+
+@dataclass
+class CifarConfig:
+    method: str = "kd"
+    teacher: str = "resnet56"
+    student: str = "resnet20"
+    teacher_ckpt: str | None = None
+    data_dir: str = field(default_factory=lambda: os.environ.get("PESF_DATA", "./data"))
+    download: bool = False
+    out: str | None = None                  # default: runs/cifar/<method>_<teacher>_<student>_s<seed>
+    epochs: int = 240
+    batch_size: int = 64                    # global batch, split across ranks
+    lr: float = 0.05
+    teacher_lr: float = 1e-3
+    adapter_lr: float = 1e-4
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    lr_schedule: str = "step"               # step | cosine
+    lr_milestones: list[int] = field(default_factory=lambda: [150, 180, 210])
+    lr_decay: float = 0.1
+    warmup_epochs: float = 0.0
+    alpha: float = 0.9
+    tau: float = 4.0
+    w_tce: float = 0.5
+    w_tkl: float | None = None              # PESF student-to-teacher KL weight; None: alpha
+    label_adjust: bool | None = None        # None: on for ftkd and pesf, off otherwise
+    adapter: str = "houlsby"                # houlsby | lora | parallel
+    adapter_slot: str = "head"              # head | stages
+    bottleneck: int = 32
+    feat_weight: float | None = None
+    train_subset: int = 0                   # use only the first N training images (0: all)
+    seed: int = 0
+    device: str = "auto"
+    amp: str = "auto"                       # bf16 | none | auto (bf16 on CUDA)
+    channels_last: bool | None = None       # None: on for CUDA
+    cuda_graph: bool | None = None          # None: on for single-process CUDA
+    backend: str = "auto"                   # kd_core backend: auto | torch | triton
+    eval_batch_size: int = 1000
+    limit_batches: int = 0                  # train and eval batches per epoch (smoke runs)
+    benchmark_steps: int = 0
+    log_every: int = 100
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------
+class DataNotFound(RuntimeError):
+    pass
+
+
+def load_cifar100(root: str | Path, download: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Read the standard python pickles: ``{"train": (uint8 [N,3,32,32], int64 [N]), "test": ...}``."""
+    folder = Path(root) / "cifar-100-python"
+    if not (folder / "train").is_file() and download:
+        import torchvision  # only needed to fetch the archive
+        torchvision.datasets.CIFAR100(str(root), train=True, download=True)
+    if not (folder / "train").is_file() or not (folder / "test").is_file():
+        raise DataNotFound(f"CIFAR-100 not found: looked for {folder}/train and {folder}/test. Pass --download "
+                           f"to fetch it with torchvision, or point --data-dir / PESF_DATA at the folder that "
+                           f"holds cifar-100-python/.")
+    splits = {}
+    for split in ("train", "test"):
+        with open(folder / split, "rb") as f:
+            entry = pickle.load(f, encoding="latin1")
+        images = torch.from_numpy(entry["data"]).reshape(-1, 3, 32, 32)
+        labels = torch.tensor(entry["fine_labels"], dtype=torch.int64)
+        splits[split] = (images, labels)
+    return splits
+
+
+class DeviceBatches:
+    """A split held on the device as uint8; batches are augmented and normalised there.
+
+    Training: one permutation per epoch (seeded by seed and epoch, identical on every rank), each
+    global batch split into equal per-rank slices, last partial batch dropped (static shapes for
+    the CUDA graph); random crop with 4 pixels of zero padding and horizontal flip. Evaluation:
+    every image once, sharded across ranks, no augmentation.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, device: torch.device,
+                 train: bool, seed: int = 0, rank: int = 0, world: int = 1, limit: int = 0,
+                 channels_last: bool = False) -> None:
+        if train and batch_size % world:
+            raise ValueError(f"batch_size {batch_size} must be divisible by the number of processes {world}")
+        self.train, self.seed, self.rank, self.world, self.limit = train, seed, rank, world, limit
+        self.batch_size = batch_size
+        self.labels = labels.to(device)
+        pad = 4 if train else 0
+        self.images = nn.functional.pad(images, (pad, pad, pad, pad)).to(device)
+        self.device = device
+        self.mean = torch.tensor(CIFAR_MEAN, device=device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(CIFAR_STD, device=device).view(1, 3, 1, 1) * 255
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.offsets = torch.arange(32, device=device)
+
+    def __len__(self) -> int:
+        n = len(self.labels)
+        steps = n // self.batch_size if self.train else -(-n // (self.batch_size * self.world))
+        return min(steps, self.limit) if self.limit else steps
+
+    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
+        return ((x.float() - self.mean) / self.std).contiguous(memory_format=self.memory_format)
+
+    def epoch(self, epoch: int):
+        if not self.train:
+            index = torch.arange(self.rank, len(self.labels), self.world, device=self.device)
+            for i in range(len(self)):
+                idx = index[i * self.batch_size:(i + 1) * self.batch_size]
+                yield self._normalise(self.images[idx]), self.labels[idx], idx
+            return
+        gen = torch.Generator(device="cpu").manual_seed(self.seed * 100_003 + epoch)
+        order = torch.randperm(len(self.labels), generator=gen).to(self.device)
+        aug = torch.Generator(device=self.device).manual_seed(self.seed * 100_003 + epoch * 1_009 + self.rank + 1)
+        per_rank = self.batch_size // self.world
+        for i in range(len(self)):
+            idx = order[i * self.batch_size + self.rank * per_rank:i * self.batch_size + (self.rank + 1) * per_rank]
+            shift = torch.randint(0, 9, (2, per_rank), generator=aug, device=self.device)
+            flip = torch.rand(per_rank, generator=aug, device=self.device) < 0.5
+            rows = (shift[0, :, None] + self.offsets)[:, None, :, None]
+            cols = shift[1, :, None] + self.offsets
+            cols = torch.where(flip[:, None], cols.flip(1), cols)[:, None, None, :]
+            channels = torch.arange(3, device=self.device)[None, :, None, None]
+            x = self.images[idx[:, None, None, None], channels, rows, cols]
+            yield self._normalise(x), self.labels[idx], idx
+
+
+def synthetic_batches(batch_size: int, device: torch.device, channels_last: bool, seed: int = 0):
+    """Random images for --benchmark-steps: step time does not depend on pixel values."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    images = torch.randint(0, 256, (batch_size * 8, 3, 32, 32), dtype=torch.uint8, generator=gen)
+    labels = torch.randint(0, NUM_CLASSES, (batch_size * 8,), generator=gen)
+    return DeviceBatches(images, labels, batch_size, device, train=True, seed=seed, channels_last=channels_last)
+
+
+# ----------------------------------------------------------------------------------------------
+# Models and method
+# ----------------------------------------------------------------------------------------------
+def build_models(cfg: CifarConfig, log: engine.RunLog) -> tuple[nn.Module, nn.Module | None]:
+    student = models.build_model(cfg.student, NUM_CLASSES)
+    if not needs_teacher(cfg.method):
+        return student, None
+    if cfg.method.split("+")[0] == "pesf":
+        teacher = models.build_model(cfg.teacher, NUM_CLASSES, adapter=cfg.adapter, slot=cfg.adapter_slot,
+                                     bottleneck=cfg.bottleneck)
+    else:
+        teacher = models.build_model(cfg.teacher, NUM_CLASSES)
+    if cfg.teacher_ckpt:
+        models.load_checkpoint(teacher, cfg.teacher_ckpt)
+    elif cfg.benchmark_steps:
+        log.print("note: no --teacher-ckpt; benchmarking with a randomly initialised teacher")
+    else:
+        raise engine.ConfigError(f"method {cfg.method!r} needs a trained teacher: pass --teacher-ckpt "
+                                 f"(train one with --method ce --student {cfg.teacher})")
+    return student, teacher
+
+
+def distill_config(cfg: CifarConfig) -> DistillConfig:
+    return DistillConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(DistillConfig)})
+
+
+def make_optimizer(distiller, cfg: CifarConfig) -> torch.optim.Optimizer:
+    groups = distiller.param_groups()
+    for g in groups:
+        g["base_lr"] = g["lr"]
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def wrap_ddp(distiller, dist: engine.Dist) -> None:
+    """Wrap only the trained children (student, trained teacher, extra heads) in DDP."""
+    for name in distiller.trainable_module_names():
+        module = getattr(distiller, name)
+        ids = [dist.device.index] if dist.device.type == "cuda" else None
+        setattr(distiller, name, nn.parallel.DistributedDataParallel(module, device_ids=ids,
+                                                                     broadcast_buffers=False))
+
+
+def distiller_state(distiller) -> dict:
+    return {name: engine.unwrap(child).state_dict() for name, child in distiller.named_children()}
+
+
+def load_distiller_state(distiller, state: dict) -> None:
+    for name, child in distiller.named_children():
+        engine.unwrap(child).load_state_dict(state[name])
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation: student and teacher top-1 and the consistency metrics on the test set
+# ----------------------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(distiller, batches: DeviceBatches, amp_dtype: torch.dtype | None) -> dict[str, float]:
+    distiller.eval()
+    student, teacher = engine.unwrap(distiller.student), distiller.teacher
+    teacher = engine.unwrap(teacher) if teacher is not None else None
+    device = batches.device
+    counts = torch.zeros(3, dtype=torch.float64, device=device)   # rows, student correct, teacher correct
+    meter = kd_core.ConsistencyMeter()
+    for x, y, _ in batches.epoch(0):
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            s, s_feats = student(x, features=True)
+            t, t_feats = teacher(x, features=True) if teacher is not None else (None, None)
+        counts[0] += len(y)
+        counts[1] += (s.argmax(1) == y).sum()
+        if t is not None:
+            counts[2] += (t.argmax(1) == y).sum()
+            meter.update(s.float(), t.float(), s_feats["pooled"].float(), t_feats["pooled"].float())
+    engine.all_reduce_sum(counts)
+    rows, s_ok, t_ok = counts.tolist()
+    out = {"top1": 100.0 * s_ok / max(rows, 1)}
+    if teacher is not None:
+        out["teacher_top1"] = 100.0 * t_ok / max(rows, 1)
+        out.update(meter.compute())
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# One run
+# ----------------------------------------------------------------------------------------------
+def resolve(cfg: CifarConfig, dist: engine.Dist) -> tuple[CifarConfig, torch.dtype | None]:
+    cuda = dist.device.type == "cuda"
+    if cfg.amp not in ("auto", "bf16", "none"):
+        raise engine.ConfigError(f"amp must be auto, bf16 or none, got {cfg.amp!r}")
+    amp = "bf16" if cfg.amp == "auto" and cuda else ("none" if cfg.amp == "auto" else cfg.amp)
+    out = cfg.out or default_out(cfg)
+    cfg = dataclasses.replace(
+        cfg, amp=amp, out=out,
+        channels_last=cuda if cfg.channels_last is None else cfg.channels_last,
+        cuda_graph=(cuda and dist.world == 1) if cfg.cuda_graph is None else cfg.cuda_graph)
+    return cfg, (torch.bfloat16 if amp == "bf16" else None)
+
+
+def default_out(cfg: CifarConfig) -> str:
+    pair = cfg.student if not needs_teacher(cfg.method) else f"{cfg.teacher}_{cfg.student}"
+    return f"runs/cifar/{cfg.method}_{pair}_s{cfg.seed}"
+
+
+def run(cfg: CifarConfig, resume: bool = False) -> dict:
+    dist = engine.init_distributed(cfg.device)
+    cfg, amp_dtype = resolve(cfg, dist)
+    log = engine.RunLog(cfg.out, enabled=dist.main)
+    engine.seed_everything(cfg.seed)
+
+    # Data
+    per_rank_eval = max(1, cfg.eval_batch_size // dist.world)
+    if cfg.benchmark_steps:
+        train = synthetic_batches(cfg.batch_size, dist.device, cfg.channels_last, cfg.seed)
+        test = None
+    else:
+        data = load_cifar100(cfg.data_dir, cfg.download)
+        images, labels = data["train"]
+        if cfg.train_subset:
+            images, labels = images[:cfg.train_subset], labels[:cfg.train_subset]
+        train = DeviceBatches(images, labels, cfg.batch_size, dist.device, train=True, seed=cfg.seed,
+                              rank=dist.rank, world=dist.world, limit=cfg.limit_batches,
+                              channels_last=cfg.channels_last)
+        test = DeviceBatches(*data["test"], per_rank_eval, dist.device, train=False, rank=dist.rank,
+                             world=dist.world, limit=cfg.limit_batches, channels_last=cfg.channels_last)
+    if len(train) == 0:
+        raise engine.ConfigError(f"no full training batch: {len(train.labels)} images, batch size {cfg.batch_size}")
+
+    # Models and method
+    student, teacher = build_models(cfg, log)
+    distiller = build_distiller(cfg.method, student, teacher, distill_config(cfg), num_train=len(train.labels))
+    distiller.to(dist.device)
+    if cfg.channels_last:
+        distiller.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(distiller, cfg)
+    updated_params = distiller.updated_params()
+    if dist.world > 1:
+        wrap_ddp(distiller, dist)
+    step = engine.TrainStep(distiller, optimizer, amp_dtype, dist.device, cuda_graph=cfg.cuda_graph)
+
+    if cfg.benchmark_steps:
+        return benchmark(cfg, distiller, step, train, log, updated_params)
+
+    # Resume or start
+    start_epoch, best, history = 0, -1.0, {}
+    last_path, best_path = Path(cfg.out) / "last.pt", Path(cfg.out) / "best.pt"
+    if resume:
+        ckpt = engine.load_file(last_path, "checkpoint to resume from")
+        check_resumable(ckpt["config"], engine.config_dict(cfg))
+        load_distiller_state(distiller, ckpt["distiller"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start_epoch, best, history = ckpt["epoch"], ckpt["best_top1"], ckpt["history"]
+        engine.set_rng_state(ckpt["rng"])
+        log.truncate_metrics(start_epoch)
+        log.print(f"resumed from {last_path} at epoch {start_epoch}")
+    log.write_config(engine.config_dict(cfg))
+    if "teacher_top1_initial" not in history and teacher is not None:
+        history["teacher_top1_initial"] = evaluate(distiller, test, amp_dtype)["teacher_top1"]
+        log.print(f"teacher top-1 before training: {history['teacher_top1_initial']:.2f}")
+
+    # Train and evaluate
+    progress = engine.Progress((cfg.epochs - start_epoch) * len(train), log, cfg.log_every)
+    metrics: dict = history.get("last_metrics", {})
+    lr_now = None
+    for epoch in range(start_epoch, cfg.epochs):
+        factor = engine.lr_factor(epoch, cfg.epochs, cfg.lr_schedule, cfg.lr_milestones, cfg.lr_decay,
+                                  cfg.warmup_epochs)
+        if factor != lr_now:
+            engine.set_lr(optimizer, factor)
+            step.invalidate()
+            lr_now = factor
+        distiller.train()
+        sums, started = None, time.perf_counter()
+        for i, (x, y, idx) in enumerate(train.epoch(epoch)):
+            losses = step(x, y, idx)
+            sums = losses if sums is None else sums + losses
+            if (i + 1) % cfg.log_every == 0 or i + 1 == len(train):
+                check_finite(sums, step.names, epoch, i)
+                progress.step(epoch, cfg.epochs, i, len(train), float(sums[0]) / (i + 1))
+            else:
+                progress.step(epoch, cfg.epochs, i, len(train))
+        if dist.device.type == "cuda":
+            torch.cuda.synchronize()
+        train_time = time.perf_counter() - started
+        engine.all_reduce_sum(sums)
+        metrics = {"epoch": epoch + 1, **{f"train_{n}": float(v) / (len(train) * dist.world)
+                                           for n, v in zip(step.names, sums)}}
+        metrics.update(evaluate(distiller, test, amp_dtype))
+        metrics.update({f"lr_{g['name']}": g["lr"] for g in optimizer.param_groups})
+        metrics.update(epoch_time_s=time.perf_counter() - started, batch_time_ms=1000 * train_time / len(train))
+        log.append_metrics(metrics)
+        log.print(format_epoch(metrics))
+        history["last_metrics"] = metrics
+        is_best = metrics["top1"] > best
+        best = max(best, metrics["top1"])
+        if dist.main:
+            ckpt = {"model": engine.unwrap(distiller.student).state_dict(), "distiller": distiller_state(distiller),
+                    "optimizer": optimizer.state_dict(), "epoch": epoch + 1, "best_top1": best,
+                    "history": history, "rng": engine.rng_state(), "config": engine.config_dict(cfg),
+                    "arch": cfg.student, "top1": metrics["top1"]}
+            engine.save_atomic(ckpt, last_path)
+            if is_best:
+                engine.save_atomic(ckpt, best_path)
+
+    summary = {"top1": metrics.get("top1"), "best_top1": best, "teacher_top1": metrics.get("teacher_top1"),
+               "teacher_top1_initial": history.get("teacher_top1_initial"),
+               **{k: metrics.get(k) for k in ("kl", "gap", "agreement", "pl", "cka_logits", "cka_features")},
+               "batch_time_ms": metrics.get("batch_time_ms"), "updated_params": updated_params,
+               "method": cfg.method, "teacher": cfg.teacher if teacher is not None else None,
+               "student": cfg.student, "epochs": cfg.epochs, "seed": cfg.seed}
+    log.write_summary(summary)
+    return summary
+
+
+def check_finite(sums: torch.Tensor, names: list[str], epoch: int, i: int) -> None:
+    if not bool(torch.isfinite(sums).all()):
+        bad = [n for n, v in zip(names, sums.tolist()) if not torch.isfinite(torch.tensor(v))]
+        raise engine.NonFiniteLoss(f"non-finite loss ({', '.join(bad)}) in epoch {epoch + 1} by step {i + 1}; "
+                                   f"the last checkpoint (end of epoch {epoch}) is left intact")
+
+
+RESUME_MAY_CHANGE = {"epochs", "log_every", "device", "data_dir", "download", "eval_batch_size"}
+
+
+def check_resumable(saved: dict, now: dict) -> None:
+    changed = [k for k in saved if k not in RESUME_MAY_CHANGE and saved.get(k) != now.get(k)]
+    if changed:
+        diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed)
+        raise engine.ConfigError(f"cannot resume: the config differs from the checkpoint's ({diffs})")
+
+
+def format_epoch(m: dict) -> str:
+    parts = [f"epoch {m['epoch']}", f"top1 {m['top1']:.2f}"]
+    if "teacher_top1" in m:
+        parts += [f"teacher {m['teacher_top1']:.2f}", f"gap {m['gap']:.3f}", f"kl {m['kl']:.3f}",
+                  f"agree {m['agreement']:.1f}"]
+    parts += [f"loss {m['train_loss']:.4f}", f"{m['batch_time_ms']:.1f} ms/step", f"{m['epoch_time_s']:.1f} s"]
+    return " | ".join(parts)
+
+
+def benchmark(cfg: CifarConfig, distiller, step: engine.TrainStep, batches: DeviceBatches, log: engine.RunLog,
+              updated_params: int) -> dict:
+    """Time ``cfg.benchmark_steps`` training steps after a warm-up (synthetic data, real models)."""
+    distiller.train()
+    sync = torch.cuda.synchronize if batches.device.type == "cuda" else (lambda: None)
+    it = iter(())
+
+    def next_batch():
+        nonlocal it
+        try:
+            return next(it)
+        except StopIteration:
+            it = batches.epoch(0)
+            return next(it)
+
+    for _ in range(10):
+        step(*next_batch())
+    prepared = [next_batch() for _ in range(min(cfg.benchmark_steps, len(batches)))]
+    sync()
+    started = time.perf_counter()
+    for i in range(cfg.benchmark_steps):
+        step(*prepared[i % len(prepared)])
+    sync()
+    ms = 1000 * (time.perf_counter() - started) / cfg.benchmark_steps
+    result = {"method": cfg.method, "teacher": cfg.teacher, "student": cfg.student, "batch_size": cfg.batch_size,
+              "amp": cfg.amp, "cuda_graph": bool(step.cuda_graph), "device": str(batches.device),
+              "step_ms": ms, "images_per_s": cfg.batch_size / ms * 1000, "updated_params": updated_params}
+    log.print(f"{cfg.method} {cfg.teacher}->{cfg.student} batch {cfg.batch_size} {cfg.amp} "
+              f"graph={step.cuda_graph}: {ms:.2f} ms/step, {result['images_per_s']:.0f} images/s")
+    log.write_summary(result)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# Quickstart: a small teacher, then KD and PESF students, and a comparison table
+# ----------------------------------------------------------------------------------------------
+def quickstart(base: CifarConfig) -> None:
+    cuda = torch.cuda.is_available() and base.device in ("auto", "cuda")
+    if cuda:
+        size = dict(epochs=15, lr_schedule="cosine", lr=0.1, batch_size=128)
+        teacher, student = "resnet56", "resnet20"
+    else:  # a 2-core CPU: a few minutes in all
+        size = dict(epochs=3, lr_schedule="cosine", lr=0.1, batch_size=64, train_subset=5000, eval_batch_size=500)
+        teacher, student = "resnet20", "resnet8"
+    root = Path(base.out or "runs/quickstart")
+    common = dataclasses.replace(base, teacher=teacher, student=student, **size)
+    print(f"quickstart on {'CUDA' if cuda else 'CPU'}: teacher {teacher}, students {student}, "
+          f"{size['epochs']} epochs each, outputs in {root}/", flush=True)
+    rows = {}
+    t_cfg = dataclasses.replace(common, method="ce", student=teacher, out=str(root / "teacher"))
+    rows[f"teacher ({teacher}, ce)"] = run(t_cfg)
+    for method in ("ce", "kd", "pesf"):
+        cfg = dataclasses.replace(common, method=method, out=str(root / method),
+                                  teacher_ckpt=str(root / "teacher" / "last.pt"))
+        rows[f"{student} {method}"] = run(cfg)
+    print("\n| run | top-1 | teacher top-1 | gap | KL | agreement | batch ms |\n|---|---|---|---|---|---|---|")
+    for name, s in rows.items():
+        cells = [s.get("top1"), s.get("teacher_top1"), s.get("gap"), s.get("kl"), s.get("agreement"),
+                 s.get("batch_time_ms")]
+        print(f"| {name} | " + " | ".join("–" if v is None else f"{v:.2f}" for v in cells) + " |")
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------
+def parse_args(argv=None) -> tuple[CifarConfig, argparse.Namespace]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML file of config keys (see configs/cifar/)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    for flag, kind in [("method", str), ("teacher", str), ("student", str), ("teacher-ckpt", str),
+                       ("data-dir", str), ("out", str), ("epochs", int), ("batch-size", int), ("seed", int),
+                       ("device", str), ("limit-batches", int), ("benchmark-steps", int)]:
+        p.add_argument(f"--{flag}", type=kind)
+    p.add_argument("--download", action="store_true", default=None, help="fetch CIFAR-100 with torchvision")
+    p.add_argument("--no-label-adjust", dest="label_adjust", action="store_false", default=None,
+                   help="the paper's † rows")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
+    p.add_argument("--quickstart", action="store_true", help="teacher, then ce/kd/pesf students, and a table")
+    args = p.parse_args(argv)
+    overrides = {k: v for k, v in vars(args).items()
+                 if k not in ("config", "set", "resume", "quickstart") and v is not None}
+    cfg = engine.build_config(CifarConfig, args.config, args.set, overrides)
+    return cfg, args
+
+
+def main(argv=None) -> int:
+    try:
+        cfg, args = parse_args(argv)
+        if args.quickstart:
+            quickstart(cfg)
+        else:
+            run(cfg, resume=args.resume)
+    except (ValueError, DataNotFound, FileNotFoundError, engine.NonFiniteLoss) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        engine.shutdown_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -264,9 +264,16 @@ _N_PART = 10                              # split-K partials: (m, Z1, Zt, W, arg
 _KD_TUNE: dict = {}
 
 
+@torch.compiler.assume_constant_result  # torch.compile: evaluated once at trace time, not traced
 def triton_available() -> bool:
     """True when the fused Triton kernel can be used (``triton`` imports and the kernels are defined)."""
     return _triton_kernels() is not None
+
+
+@torch.compiler.assume_constant_result
+def _triton_interpreted() -> bool:
+    """True when the kernels were defined under TRITON_INTERPRET=1 (they then run on CPU tensors)."""
+    return triton_available() and bool(_TRITON["interpret"])
 
 
 _TRITON = None
@@ -610,13 +617,13 @@ def _kd_config(n: int, k: int, elem_size: int, device: torch.device) -> dict:
     """
     interpret = _interpreting()
     if interpret or device.type != "cuda":
-        tile, n_sm = 1 << 14, 1
+        tile, n_sm = 1 << 14, 0   # n_sm = 0: all rows in as few programs as the tile allows
     else:
         tile = 4096 if elem_size >= 4 else 8192
         n_sm = torch.cuda.get_device_properties(device).multi_processor_count
     block_k = _KD_TUNE.get("block_k") or min(_next_pow2(k), tile)
     # Rows per program: fill the tile, but keep >= 2 programs per SM when N allows it.
-    rows = _KD_TUNE.get("rows") or max(1, min(tile // block_k, 64, _next_pow2(max(1, n // (2 * n_sm)))))
+    rows = _KD_TUNE.get("rows") or max(1, min(tile // block_k, 64, _next_pow2(max(1, n // max(1, 2 * n_sm)))))
     row_progs = -(-n // rows)
     splits = _KD_TUNE.get("splits")
     if splits is None:
@@ -641,32 +648,40 @@ def _prep(s: torch.Tensor, t: torch.Tensor, labels: torch.Tensor):
     return s, t, labels.to(torch.int64).contiguous()
 
 
-def _launch_fwd(s, t, labels, tau, adjust, ignore_index, grad=None):
+def _launch_fwd(s, t, labels, tau, adjust, ignore_index, grad=None, out=None):
     """Forward launcher: per-row values [7, N] and saved statistics [8, N], both fp32.
 
     ``grad = (g [7] fp32 weights, detach, write_ds, write_dt)`` selects gradient-in-forward mode and
-    also returns (ds, dt) (freshly allocated, in the input dtypes)."""
+    also returns (ds, dt) (freshly allocated, in the input dtypes). ``out = (rows, stats, ds, dt)``
+    gives the output buffers instead (tests pass views into guard-banded buffers; ds/dt may have
+    any row stride)."""
     kern = _triton_kernels()
     s, t, labels = _prep(s, t, labels)
     n, k = s.shape
     cfg = _kd_config(n, k, s.element_size(), s.device)
-    rows = torch.empty((7, n), dtype=torch.float32, device=s.device)
-    stats = torch.empty((_N_STATS, n), dtype=torch.float32, device=s.device)
-    ds = dt = None
+    if out is not None:
+        rows, stats, ds, dt = out
+    else:
+        rows = torch.empty((7, n), dtype=torch.float32, device=s.device)
+        stats = torch.empty((_N_STATS, n), dtype=torch.float32, device=s.device)
+        ds = dt = None
     g = rows
     write_ds = write_dt = detach = False
     if grad is not None:
         g, detach, write_ds, write_dt = grad
-        ds = torch.empty((n, k), dtype=s.dtype, device=s.device) if write_ds else s.new_empty(0)
-        dt = torch.empty((n, k), dtype=t.dtype, device=t.device) if write_dt else t.new_empty(0)
-    off64 = _needs_int64(n, k, s.stride(0), t.stride(0))
+        if out is None:
+            ds = torch.empty((n, k), dtype=s.dtype, device=s.device) if write_ds else s.new_empty(0)
+            dt = torch.empty((n, k), dtype=t.dtype, device=t.device) if write_dt else t.new_empty(0)
+    sds = ds.stride(0) if write_ds else k
+    sdt = dt.stride(0) if write_dt else k
+    off64 = _needs_int64(n, k, s.stride(0), t.stride(0), sds, sdt)
     split = cfg["splits"] > 1
     part = torch.empty((n, cfg["splits"], _N_PART), dtype=torch.float32, device=s.device) if split else rows
     row_progs = -(-n // cfg["rows"])
     fused = grad is not None and not split
     kern["fwd"][(row_progs, cfg["splits"])](
         s, t, labels, rows, stats, part, ds if fused and write_ds else s, dt if fused and write_dt else t, g,
-        n, k, s.stride(0), t.stride(0), k, k, 1, 0, cfg["k_per_split"],
+        n, k, s.stride(0), t.stride(0), sds, sdt, 1, 0, cfg["k_per_split"],
         tau, 1.0 / tau, ignore_index,
         ROWS=cfg["rows"], BLOCK_K=cfg["block_k"], SPLIT=split, ADJUST=adjust, GRAD=fused, DETACH=detach,
         WRITE_DS=fused and write_ds, WRITE_DT=fused and write_dt, OFF64=off64, num_warps=cfg["num_warps"])
@@ -683,11 +698,13 @@ def _launch_bwd_into(s, t, labels, stats, g, g_sf, g_sn, tau, adjust, ignore_ind
                      write_ds, write_dt, cfg):
     kern = _triton_kernels()
     n, k = s.shape
-    off64 = _needs_int64(n, k, s.stride(0), t.stride(0))
+    sds = ds.stride(0) if write_ds else k
+    sdt = dt.stride(0) if write_dt else k
+    off64 = _needs_int64(n, k, s.stride(0), t.stride(0), sds, sdt)
     grid = (-(-n // cfg["bwd_rows"]), -(-k // cfg["bwd_block_k"]))
     kern["bwd"][grid](
         s, t, labels, stats, g, ds if write_ds else s, dt if write_dt else t, n, k, s.stride(0), t.stride(0),
-        k, k, g_sf, g_sn, tau, 1.0 / tau, ignore_index,
+        sds, sdt, g_sf, g_sn, tau, 1.0 / tau, ignore_index,
         ROWS=cfg["bwd_rows"], BLOCK_K=cfg["bwd_block_k"], ADJUST=adjust, DETACH=detach,
         WRITE_DS=write_ds, WRITE_DT=write_dt, OFF64=off64,
         num_warps=4 if cfg["bwd_rows"] * cfg["bwd_block_k"] <= 2048 else 8)
@@ -708,7 +725,7 @@ def _launch_bwd(grad_rows, s, t, labels, stats, tau, adjust, ignore_index, detac
 
 def _kernel_runs_on(x: torch.Tensor) -> bool:
     # The kernel runs on CUDA tensors, and on CPU tensors under the Triton interpreter.
-    return triton_available() and (x.is_cuda or _TRITON["interpret"])
+    return triton_available() and (x.is_cuda or _triton_interpreted())
 
 
 def _rows_torch(s, t, labels, tau, adjust, ignore_index, detach):
@@ -742,12 +759,9 @@ def _op_distill_bwd(grad_rows: torch.Tensor, s: torch.Tensor, t: torch.Tensor, l
     if _kernel_runs_on(s):
         return _launch_bwd(grad_rows, s, t, labels, stats, tau, adjust, ignore_index, detach_targets,
                            need_ds, need_dt)
-    with torch.enable_grad():
-        s_, t_ = s.detach().requires_grad_(), t.detach().requires_grad_()
-        rows = _rows_torch(s_, t_, labels, tau, adjust, ignore_index, detach_targets)
-        ds, dt = torch.autograd.grad(rows, (s_, t_), grad_rows, allow_unused=True)
-    ds = torch.zeros_like(s) if ds is None else ds
-    dt = torch.zeros_like(t) if dt is None else dt
+    # Custom-op impls run below the autograd dispatch key: torch.func.vjp still differentiates there.
+    _, vjp = torch.func.vjp(lambda a, b: _rows_torch(a, b, labels, tau, adjust, ignore_index, detach_targets), s, t)
+    ds, dt = vjp(grad_rows.to(torch.float32))
     return (ds.contiguous() if need_ds else s.new_empty(0)), (dt.contiguous() if need_dt else t.new_empty(0))
 
 
@@ -783,7 +797,7 @@ def _distill_terms_triton(s, t, labels, tau, adjust, ignore_index, reduction, de
     if not triton_available():
         raise RuntimeError("backend='triton' needs the triton package and its fused kernel; "
                            "use backend='torch' or 'auto'")
-    if not (s.is_cuda or _TRITON["interpret"]):
+    if not (s.is_cuda or _triton_interpreted()):
         raise RuntimeError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before triton is "
                            "imported, to run the kernel on CPU tensors); use backend='torch' or 'auto'")
     rows, _ = torch.ops.pesf_kd.distill_fwd(s, t, labels, tau, adjust, ignore_index, detach_targets)
@@ -811,13 +825,11 @@ def _op_distill_loss(s: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, wei
         rows, _, ds, dt = _launch_fwd(s, t, labels, tau, adjust, ignore_index,
                                       grad=(g, detach_targets, need_ds, need_dt))
     else:
-        with torch.enable_grad():
-            s_, t_ = s.detach().requires_grad_(), t.detach().requires_grad_()
-            rows_g = _rows_torch(s_, t_, labels, tau, adjust, ignore_index, detach_targets)
-            ds, dt = torch.autograd.grad(rows_g, (s_, t_), g[:, None].expand_as(rows_g), allow_unused=True)
-        rows = rows_g.detach()
-        ds = (torch.zeros_like(s) if ds is None else ds.contiguous()) if need_ds else s.new_empty(0)
-        dt = (torch.zeros_like(t) if dt is None else dt.contiguous()) if need_dt else t.new_empty(0)
+        rows, vjp = torch.func.vjp(
+            lambda a, b: _rows_torch(a, b, labels, tau, adjust, ignore_index, detach_targets), s, t)
+        ds, dt = vjp(g[:, None].expand_as(rows).contiguous())
+        ds = ds.contiguous() if need_ds else s.new_empty(0)
+        dt = dt.contiguous() if need_dt else t.new_empty(0)
     loss = (rows * g[:, None]).sum()
     return loss, rows, ds, dt
 
@@ -884,7 +896,7 @@ def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, lab
         if not isinstance(loss, torch.Tensor):
             loss = torch.zeros((), dtype=torch.float32, device=student_logits.device)
         return loss, DistillTerms(*(x.detach() for x in terms))
-    if not triton_available() or not (student_logits.is_cuda or _TRITON["interpret"]):
+    if not triton_available() or not (student_logits.is_cuda or _triton_interpreted()):
         raise RuntimeError("backend='triton' needs triton and CUDA tensors (or TRITON_INTERPRET=1); "
                            "use backend='torch' or 'auto'")
     need_ds = student_logits.requires_grad and torch.is_grad_enabled()

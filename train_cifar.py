@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import os
 import pickle
 import sys
@@ -27,6 +28,7 @@ import engine
 import kd_core
 import models
 from distillers import DistillConfig, build_distiller, needs_teacher
+from distillers.feature import run_init_stage
 
 CIFAR_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR_STD = (0.2673, 0.2564, 0.2762)
@@ -62,6 +64,7 @@ class CifarConfig:
     adapter_slot: str = "head"              # head | stages
     bottleneck: int = 32
     feat_weight: float | None = None
+    init_epochs: int | None = None          # fitnet/ab/ft/fsp initialisation stage; None: the method's default
     train_subset: int = 0                   # use only the first N training images (0: all)
     seed: int = 0
     device: str = "auto"
@@ -70,6 +73,7 @@ class CifarConfig:
     cuda_graph: bool | None = None          # None: on for single-process CUDA
     backend: str = "auto"                   # kd_core backend: auto | torch | triton
     eval_batch_size: int = 1000
+    eval_every: int = 1                     # epochs between test-set evaluations (the last always runs)
     limit_batches: int = 0                  # train and eval batches per epoch (smoke runs)
     benchmark_steps: int = 0
     log_every: int = 100
@@ -297,6 +301,8 @@ def run(cfg: CifarConfig, resume: bool = False) -> dict:
     distiller.to(dist.device)
     if cfg.channels_last:
         distiller.to(memory_format=torch.channels_last)
+    if not resume and not cfg.benchmark_steps:   # checkpoints come after the stage: a resumed run is past it
+        run_init_stage(distiller, train, cfg.momentum, cfg.weight_decay, amp_dtype, log.print)
     optimizer = make_optimizer(distiller, cfg)
     updated_params = distiller.updated_params()
     if dist.world > 1:
@@ -350,19 +356,20 @@ def run(cfg: CifarConfig, resume: bool = False) -> dict:
         engine.all_reduce_sum(sums)
         metrics = {"epoch": epoch + 1, **{f"train_{n}": float(v) / (len(train) * dist.world)
                                            for n, v in zip(step.names, sums)}}
-        metrics.update(evaluate(distiller, test, amp_dtype))
+        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+            metrics.update(evaluate(distiller, test, amp_dtype))
         metrics.update({f"lr_{g['name']}": g["lr"] for g in optimizer.param_groups})
         metrics.update(epoch_time_s=time.perf_counter() - started, batch_time_ms=1000 * train_time / len(train))
         log.append_metrics(metrics)
         log.print(format_epoch(metrics))
         history["last_metrics"] = metrics
-        is_best = metrics["top1"] > best
-        best = max(best, metrics["top1"])
+        is_best = metrics.get("top1", -1.0) > best
+        best = max(best, metrics.get("top1", -1.0))
         if dist.main:
             ckpt = {"model": engine.unwrap(distiller.student).state_dict(), "distiller": distiller_state(distiller),
                     "optimizer": optimizer.state_dict(), "epoch": epoch + 1, "best_top1": best,
                     "history": history, "rng": engine.rng_state(), "config": engine.config_dict(cfg),
-                    "arch": cfg.student, "top1": metrics["top1"]}
+                    "arch": cfg.student, "top1": metrics.get("top1")}
             engine.save_atomic(ckpt, last_path)
             if is_best:
                 engine.save_atomic(ckpt, best_path)
@@ -395,7 +402,7 @@ def check_resumable(saved: dict, now: dict) -> None:
 
 
 def format_epoch(m: dict) -> str:
-    parts = [f"epoch {m['epoch']}", f"top1 {m['top1']:.2f}"]
+    parts = [f"epoch {m['epoch']}"] + ([f"top1 {m['top1']:.2f}"] if "top1" in m else [])
     if "teacher_top1" in m:
         parts += [f"teacher {m['teacher_top1']:.2f}", f"gap {m['gap']:.3f}", f"kl {m['kl']:.3f}",
                   f"agree {m['agreement']:.1f}"]
@@ -442,11 +449,12 @@ def benchmark(cfg: CifarConfig, distiller, step: engine.TrainStep, batches: Devi
 def quickstart(base: CifarConfig) -> None:
     cuda = torch.cuda.is_available() and base.device in ("auto", "cuda")
     if cuda:
-        size = dict(epochs=15, lr_schedule="cosine", lr=0.1, batch_size=128)
+        size = dict(epochs=15, lr_schedule="cosine", lr=0.1, batch_size=128, log_every=200)
         teacher, student = "resnet56", "resnet20"
     else:  # a 2-core CPU: a few minutes in all
-        size = dict(epochs=3, lr_schedule="cosine", lr=0.1, batch_size=64, train_subset=5000, eval_batch_size=500)
-        teacher, student = "resnet20", "resnet8"
+        size = dict(epochs=3, lr_schedule="cosine", lr=0.1, batch_size=64, train_subset=5000, eval_batch_size=500,
+                    eval_every=3, log_every=20)
+        teacher, student = "resnet14", "resnet8"
     root = Path(base.out or "runs/quickstart")
     common = dataclasses.replace(base, teacher=teacher, student=student, **size)
     print(f"quickstart on {'CUDA' if cuda else 'CPU'}: teacher {teacher}, students {student}, "
@@ -481,11 +489,33 @@ def parse_args(argv=None) -> tuple[CifarConfig, argparse.Namespace]:
                    help="the paper's † rows")
     p.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
     p.add_argument("--quickstart", action="store_true", help="teacher, then ce/kd/pesf students, and a table")
+    p.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2,...",
+                   help="run every combination of these values (repeatable) and print a table")
     args = p.parse_args(argv)
-    overrides = {k: v for k, v in vars(args).items()
-                 if k not in ("config", "set", "resume", "quickstart") and v is not None}
-    cfg = engine.build_config(CifarConfig, args.config, args.set, overrides)
+    args.overrides = {k: v for k, v in vars(args).items()
+                      if k not in ("config", "set", "resume", "quickstart", "sweep") and v is not None}
+    cfg = engine.build_config(CifarConfig, args.config, args.set, args.overrides)
     return cfg, args
+
+
+def sweep(args: argparse.Namespace, base: CifarConfig) -> None:
+    """One run per combination of the --sweep values, each in <out>/<key>=<value>..., then a table."""
+    axes = []
+    for item in args.sweep:
+        key, sep, values = item.partition("=")
+        if not sep or not values:
+            raise engine.ConfigError(f"--sweep expects KEY=V1,V2,..., got {item!r}")
+        axes.append([f"{key.strip()}={v.strip()}" for v in values.split(",")])
+    root = Path(base.out or default_out(base)) / "sweep"
+    rows = []
+    for combo in itertools.product(*axes):
+        overrides = {**args.overrides, "out": str(root / "_".join(combo))}
+        cfg = engine.build_config(CifarConfig, args.config, [*args.set, *combo], overrides)
+        rows.append((combo, run(cfg, resume=args.resume and (Path(cfg.out) / "last.pt").exists())))
+    print("\n| run | top-1 | best top-1 | teacher top-1 | gap | KL | agreement |\n|---|---|---|---|---|---|---|")
+    for combo, s in rows:
+        cells = [s.get(k) for k in ("top1", "best_top1", "teacher_top1", "gap", "kl", "agreement")]
+        print(f"| {' '.join(combo)} | " + " | ".join("–" if v is None else f"{v:.2f}" for v in cells) + " |")
 
 
 def main(argv=None) -> int:
@@ -493,6 +523,8 @@ def main(argv=None) -> int:
         cfg, args = parse_args(argv)
         if args.quickstart:
             quickstart(cfg)
+        elif args.sweep:
+            sweep(args, cfg)
         else:
             run(cfg, resume=args.resume)
     except (ValueError, DataNotFound, FileNotFoundError, engine.NonFiniteLoss) as err:

@@ -360,3 +360,226 @@ class TrainStep:
         with torch.cuda.graph(graph):
             sout = self._step(sx, sy, si)
         self.graph, self.static = graph, (sx, sy, si, sout)
+
+
+# ----------------------------------------------------------------------------------------------
+# Distiller plumbing: optimiser groups, DDP wrapping, state
+# ----------------------------------------------------------------------------------------------
+def param_groups(distiller) -> list[dict]:
+    """The distiller's groups, each remembering its base lr (the schedule scales it, never replaces it)."""
+    groups = distiller.param_groups()
+    for g in groups:
+        g["base_lr"] = g["lr"]
+    return groups
+
+
+def wrap_ddp(distiller, dist_info: Dist) -> None:
+    """Wrap only the trained children (student, trained teacher, extra heads) in DDP."""
+    ids = [dist_info.device.index] if dist_info.device.type == "cuda" else None
+    for name in distiller.trainable_module_names():
+        module = getattr(distiller, name)
+        setattr(distiller, name, torch.nn.parallel.DistributedDataParallel(module, device_ids=ids,
+                                                                           broadcast_buffers=False))
+
+
+def distiller_state(distiller) -> dict:
+    return {name: unwrap(child).state_dict() for name, child in distiller.named_children()}
+
+
+def load_distiller_state(distiller, state: dict) -> None:
+    for name, child in distiller.named_children():
+        unwrap(child).load_state_dict(state[name])
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation: student and teacher accuracy (and F1 for two classes), consistency metrics
+# ----------------------------------------------------------------------------------------------
+def _autocast(device: torch.device, amp_dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
+
+
+@torch.no_grad()
+def evaluate(distiller, batches, amp_dtype: torch.dtype | None, device: torch.device) -> dict[str, float]:
+    """``top1`` (and ``f1`` of class 1 for two-class tasks) of the student, the teacher's, and the
+    consistency metrics of SPEC sec. 1 between them, over every batch of ``batches``."""
+    import kd_core
+    distiller.eval()
+    student = unwrap(distiller.student)
+    teacher = unwrap(distiller.teacher) if distiller.teacher is not None else None
+    # rows; then per network: correct, true positives, predicted positives, actual positives
+    counts = torch.zeros(9, dtype=torch.float64, device=device)
+    meter = kd_core.ConsistencyMeter()
+    two_class = False
+    for x, y, _ in batches.epoch(0):
+        with _autocast(device, amp_dtype):
+            s, s_feats = student(x, features=True)
+            t, t_feats = teacher(x, features=True) if teacher is not None else (None, None)
+        two_class = s.shape[1] == 2
+        counts[0] += len(y)
+        for offset, logits in ((1, s), (5, t)):
+            if logits is None:
+                continue
+            pred = logits.argmax(1)
+            counts[offset] += (pred == y).sum()
+            counts[offset + 1] += ((pred == 1) & (y == 1)).sum()
+            counts[offset + 2] += (pred == 1).sum()
+            counts[offset + 3] += (y == 1).sum()
+        if t is not None:
+            meter.update(s.float(), t.float(), s_feats["pooled"].float(), t_feats["pooled"].float())
+    all_reduce_sum(counts)
+    c = counts.tolist()
+    rows = max(c[0], 1.0)
+
+    def scores(prefix: str, ok: float, tp: float, pp: float, ap: float) -> dict:
+        out = {f"{prefix}top1": 100.0 * ok / rows}
+        if two_class:
+            out[f"{prefix}f1"] = 100.0 * 2 * tp / max(pp + ap, 1.0)
+        return out
+
+    out = scores("", *c[1:5])
+    if teacher is not None:
+        out.update(scores("teacher_", *c[5:9]))
+        out.update(meter.compute())
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# fit: train, evaluate, checkpoint, resume; the loop every script shares
+# ----------------------------------------------------------------------------------------------
+RESUME_MAY_CHANGE = {"epochs", "log_every", "eval_every", "device", "data_dir", "download", "eval_batch_size"}
+SUMMARY_KEYS = ("top1", "f1", "teacher_top1", "teacher_f1", "kl", "gap", "agreement", "pl", "cka_logits",
+                "cka_features", "batch_time_ms")
+
+
+def check_finite(sums: torch.Tensor, names: list[str], epoch: int, step: int) -> None:
+    if not bool(torch.isfinite(sums).all()):
+        bad = [n for n, v in zip(names, sums.tolist()) if not math.isfinite(v)]
+        raise NonFiniteLoss(f"non-finite loss ({', '.join(bad)}) in epoch {epoch + 1} by step {step + 1}; "
+                            f"the last checkpoint (end of epoch {epoch}) is left intact")
+
+
+def check_resumable(saved: dict, now: dict) -> None:
+    changed = [k for k in saved if k not in RESUME_MAY_CHANGE and saved.get(k) != now.get(k)]
+    if changed:
+        diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed)
+        raise ConfigError(f"cannot resume: the config differs from the checkpoint's ({diffs})")
+
+
+def format_epoch(m: dict) -> str:
+    parts = [f"epoch {m['epoch']}"] + ([f"top1 {m['top1']:.2f}"] if "top1" in m else [])
+    if "teacher_top1" in m:
+        parts += [f"teacher {m['teacher_top1']:.2f}", f"gap {m['gap']:.3f}", f"kl {m['kl']:.3f}",
+                  f"agree {m['agreement']:.1f}"]
+    parts += [f"loss {m['train_loss']:.4f}", f"{m['batch_time_ms']:.1f} ms/step", f"{m['epoch_time_s']:.1f} s"]
+    return " | ".join(parts)
+
+
+def fit(cfg, dist_info: Dist, distiller, optimizer: torch.optim.Optimizer, train, test,
+        amp_dtype: torch.dtype | None, log: RunLog, resume: bool = False) -> dict:
+    """Train ``distiller`` for ``cfg.epochs`` and return the summary.
+
+    ``train`` / ``test``: ``len()`` batches and ``epoch(e)`` yielding ``(x, y, index)`` on the device.
+    ``cfg`` supplies epochs, lr_schedule, lr_milestones, lr_decay, warmup_epochs, log_every,
+    eval_every, cuda_graph and out. Writes config.yaml, metrics.jsonl, last.pt and best.pt (atomically,
+    at the end of every epoch); ``resume`` continues from ``<out>/last.pt``.
+    """
+    device = dist_info.device
+    updated_params = distiller.updated_params()
+    if dist_info.world > 1:
+        wrap_ddp(distiller, dist_info)
+    step = TrainStep(distiller, optimizer, amp_dtype, device, cuda_graph=cfg.cuda_graph)
+
+    start_epoch, best, history = 0, -math.inf, {}
+    last_path, best_path = Path(cfg.out) / "last.pt", Path(cfg.out) / "best.pt"
+    if resume:
+        ckpt = load_file(last_path, "checkpoint to resume from")
+        check_resumable(ckpt["config"], config_dict(cfg))
+        load_distiller_state(distiller, ckpt["distiller"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start_epoch, best, history = ckpt["epoch"], ckpt["best_top1"], ckpt["history"]
+        set_rng_state(ckpt["rng"])
+        log.truncate_metrics(start_epoch)
+        log.print(f"resumed from {last_path} at epoch {start_epoch}")
+    log.write_config(config_dict(cfg))
+    if "teacher_top1_initial" not in history and distiller.teacher is not None:
+        history["teacher_top1_initial"] = evaluate(distiller, test, amp_dtype, device)["teacher_top1"]
+        log.print(f"teacher top-1 before training: {history['teacher_top1_initial']:.2f}")
+
+    progress = Progress((cfg.epochs - start_epoch) * len(train), log, cfg.log_every)
+    metrics: dict = history.get("last_metrics", {})
+    per_step_lr = cfg.lr_schedule != "step" and not step.cuda_graph
+    lr_now = None
+    for epoch in range(start_epoch, cfg.epochs):
+        distiller.train()
+        sums, started = None, time.perf_counter()
+        for i, (x, y, index) in enumerate(train.epoch(epoch)):
+            at = epoch + i / len(train) if per_step_lr else epoch
+            factor = lr_factor(at, cfg.epochs, cfg.lr_schedule, cfg.lr_milestones, cfg.lr_decay, cfg.warmup_epochs)
+            if factor != lr_now:
+                set_lr(optimizer, factor)
+                step.invalidate()
+                lr_now = factor
+            losses = step(x, y, index)
+            sums = losses if sums is None else sums + losses
+            last = i + 1 == len(train)
+            if (i + 1) % cfg.log_every == 0 or last:
+                check_finite(sums, step.names, epoch, i)
+            progress.step(epoch, cfg.epochs, i, len(train),
+                          float(sums[0]) / (i + 1) if (i + 1) % cfg.log_every == 0 or last else None)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        train_time = time.perf_counter() - started
+        all_reduce_sum(sums)
+        metrics = {"epoch": epoch + 1, **{f"train_{n}": float(v) / (len(train) * dist_info.world)
+                                           for n, v in zip(step.names, sums)}}
+        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+            metrics.update(evaluate(distiller, test, amp_dtype, device))
+        metrics.update({f"lr_{g['name']}": g["lr"] for g in optimizer.param_groups})
+        metrics.update(epoch_time_s=time.perf_counter() - started, batch_time_ms=1000 * train_time / len(train))
+        log.append_metrics(metrics)
+        log.print(format_epoch(metrics))
+        history["last_metrics"] = metrics
+        is_best = metrics.get("top1", -math.inf) > best
+        best = max(best, metrics.get("top1", -math.inf))
+        if dist_info.main:
+            ckpt = {"model": unwrap(distiller.student).state_dict(), "distiller": distiller_state(distiller),
+                    "optimizer": optimizer.state_dict(), "epoch": epoch + 1, "best_top1": best,
+                    "history": history, "rng": rng_state(), "config": config_dict(cfg),
+                    "top1": metrics.get("top1")}
+            save_atomic(ckpt, last_path)
+            if is_best:
+                save_atomic(ckpt, best_path)
+    return {**{k: metrics.get(k) for k in SUMMARY_KEYS}, "best_top1": best,
+            "teacher_top1_initial": history.get("teacher_top1_initial"), "updated_params": updated_params}
+
+
+def benchmark(cfg, dist_info: Dist, distiller, optimizer: torch.optim.Optimizer, batches,
+              amp_dtype: torch.dtype | None, log: RunLog) -> dict:
+    """Time ``cfg.benchmark_steps`` training steps after 10 warm-up steps; print and save the result."""
+    device = dist_info.device
+    updated_params = distiller.updated_params()
+    if dist_info.world > 1:
+        wrap_ddp(distiller, dist_info)
+    step = TrainStep(distiller, optimizer, amp_dtype, device, cuda_graph=cfg.cuda_graph)
+    distiller.train()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    prepared = []
+    while len(prepared) < cfg.benchmark_steps + 10:
+        prepared.extend(batches.epoch(len(prepared)))
+    for x, y, index in prepared[:10]:
+        step(x, y, index)
+    sync()
+    started = time.perf_counter()
+    for x, y, index in prepared[10:10 + cfg.benchmark_steps]:
+        step(x, y, index)
+    sync()
+    ms = 1000 * (time.perf_counter() - started) / cfg.benchmark_steps
+    batch = cfg.batch_size
+    result = {"method": cfg.method, "batch_size": batch, "amp": str(amp_dtype), "cuda_graph": step.cuda_graph,
+              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "world": dist_info.world, "step_ms": ms, "images_per_s": batch / ms * 1000,
+              "updated_params": updated_params}
+    log.print(f"{cfg.method}: batch {batch}, {result['amp']}, graph={step.cuda_graph}, {result['device']}: "
+              f"{ms:.2f} ms/step, {result['images_per_s']:.0f} samples/s")
+    log.write_summary(result)
+    return result

@@ -17,7 +17,6 @@ import itertools
 import os
 import pickle
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +24,6 @@ import torch
 import torch.nn as nn
 
 import engine
-import kd_core
 import models
 from distillers import DistillConfig, build_distiller, needs_teacher
 from distillers.feature import run_init_stage
@@ -165,8 +163,8 @@ class DeviceBatches:
 def synthetic_batches(batch_size: int, device: torch.device, channels_last: bool, seed: int = 0):
     """Random images for --benchmark-steps: step time does not depend on pixel values."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    images = torch.randint(0, 256, (batch_size * 8, 3, 32, 32), dtype=torch.uint8, generator=gen)
-    labels = torch.randint(0, NUM_CLASSES, (batch_size * 8,), generator=gen)
+    images = torch.randint(0, 256, (batch_size * 16, 3, 32, 32), dtype=torch.uint8, generator=gen)
+    labels = torch.randint(0, NUM_CLASSES, (batch_size * 16,), generator=gen)
     return DeviceBatches(images, labels, batch_size, device, train=True, seed=seed, channels_last=channels_last)
 
 
@@ -197,57 +195,8 @@ def distill_config(cfg: CifarConfig) -> DistillConfig:
 
 
 def make_optimizer(distiller, cfg: CifarConfig) -> torch.optim.Optimizer:
-    groups = distiller.param_groups()
-    for g in groups:
-        g["base_lr"] = g["lr"]
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-
-
-def wrap_ddp(distiller, dist: engine.Dist) -> None:
-    """Wrap only the trained children (student, trained teacher, extra heads) in DDP."""
-    for name in distiller.trainable_module_names():
-        module = getattr(distiller, name)
-        ids = [dist.device.index] if dist.device.type == "cuda" else None
-        setattr(distiller, name, nn.parallel.DistributedDataParallel(module, device_ids=ids,
-                                                                     broadcast_buffers=False))
-
-
-def distiller_state(distiller) -> dict:
-    return {name: engine.unwrap(child).state_dict() for name, child in distiller.named_children()}
-
-
-def load_distiller_state(distiller, state: dict) -> None:
-    for name, child in distiller.named_children():
-        engine.unwrap(child).load_state_dict(state[name])
-
-
-# ----------------------------------------------------------------------------------------------
-# Evaluation: student and teacher top-1 and the consistency metrics on the test set
-# ----------------------------------------------------------------------------------------------
-@torch.no_grad()
-def evaluate(distiller, batches: DeviceBatches, amp_dtype: torch.dtype | None) -> dict[str, float]:
-    distiller.eval()
-    student, teacher = engine.unwrap(distiller.student), distiller.teacher
-    teacher = engine.unwrap(teacher) if teacher is not None else None
-    device = batches.device
-    counts = torch.zeros(3, dtype=torch.float64, device=device)   # rows, student correct, teacher correct
-    meter = kd_core.ConsistencyMeter()
-    for x, y, _ in batches.epoch(0):
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            s, s_feats = student(x, features=True)
-            t, t_feats = teacher(x, features=True) if teacher is not None else (None, None)
-        counts[0] += len(y)
-        counts[1] += (s.argmax(1) == y).sum()
-        if t is not None:
-            counts[2] += (t.argmax(1) == y).sum()
-            meter.update(s.float(), t.float(), s_feats["pooled"].float(), t_feats["pooled"].float())
-    engine.all_reduce_sum(counts)
-    rows, s_ok, t_ok = counts.tolist()
-    out = {"top1": 100.0 * s_ok / max(rows, 1)}
-    if teacher is not None:
-        out["teacher_top1"] = 100.0 * t_ok / max(rows, 1)
-        out.update(meter.compute())
-    return out
+    return torch.optim.SGD(engine.param_groups(distiller), lr=cfg.lr, momentum=cfg.momentum,
+                           weight_decay=cfg.weight_decay)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -304,143 +253,13 @@ def run(cfg: CifarConfig, resume: bool = False) -> dict:
     if not resume and not cfg.benchmark_steps:   # checkpoints come after the stage: a resumed run is past it
         run_init_stage(distiller, train, cfg.momentum, cfg.weight_decay, amp_dtype, log.print)
     optimizer = make_optimizer(distiller, cfg)
-    updated_params = distiller.updated_params()
-    if dist.world > 1:
-        wrap_ddp(distiller, dist)
-    step = engine.TrainStep(distiller, optimizer, amp_dtype, dist.device, cuda_graph=cfg.cuda_graph)
-
     if cfg.benchmark_steps:
-        return benchmark(cfg, distiller, step, train, log, updated_params)
-
-    # Resume or start
-    start_epoch, best, history = 0, -1.0, {}
-    last_path, best_path = Path(cfg.out) / "last.pt", Path(cfg.out) / "best.pt"
-    if resume:
-        ckpt = engine.load_file(last_path, "checkpoint to resume from")
-        check_resumable(ckpt["config"], engine.config_dict(cfg))
-        load_distiller_state(distiller, ckpt["distiller"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        start_epoch, best, history = ckpt["epoch"], ckpt["best_top1"], ckpt["history"]
-        engine.set_rng_state(ckpt["rng"])
-        log.truncate_metrics(start_epoch)
-        log.print(f"resumed from {last_path} at epoch {start_epoch}")
-    log.write_config(engine.config_dict(cfg))
-    if "teacher_top1_initial" not in history and teacher is not None:
-        history["teacher_top1_initial"] = evaluate(distiller, test, amp_dtype)["teacher_top1"]
-        log.print(f"teacher top-1 before training: {history['teacher_top1_initial']:.2f}")
-
-    # Train and evaluate
-    progress = engine.Progress((cfg.epochs - start_epoch) * len(train), log, cfg.log_every)
-    metrics: dict = history.get("last_metrics", {})
-    lr_now = None
-    for epoch in range(start_epoch, cfg.epochs):
-        factor = engine.lr_factor(epoch, cfg.epochs, cfg.lr_schedule, cfg.lr_milestones, cfg.lr_decay,
-                                  cfg.warmup_epochs)
-        if factor != lr_now:
-            engine.set_lr(optimizer, factor)
-            step.invalidate()
-            lr_now = factor
-        distiller.train()
-        sums, started = None, time.perf_counter()
-        for i, (x, y, idx) in enumerate(train.epoch(epoch)):
-            losses = step(x, y, idx)
-            sums = losses if sums is None else sums + losses
-            if (i + 1) % cfg.log_every == 0 or i + 1 == len(train):
-                check_finite(sums, step.names, epoch, i)
-                progress.step(epoch, cfg.epochs, i, len(train), float(sums[0]) / (i + 1))
-            else:
-                progress.step(epoch, cfg.epochs, i, len(train))
-        if dist.device.type == "cuda":
-            torch.cuda.synchronize()
-        train_time = time.perf_counter() - started
-        engine.all_reduce_sum(sums)
-        metrics = {"epoch": epoch + 1, **{f"train_{n}": float(v) / (len(train) * dist.world)
-                                           for n, v in zip(step.names, sums)}}
-        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-            metrics.update(evaluate(distiller, test, amp_dtype))
-        metrics.update({f"lr_{g['name']}": g["lr"] for g in optimizer.param_groups})
-        metrics.update(epoch_time_s=time.perf_counter() - started, batch_time_ms=1000 * train_time / len(train))
-        log.append_metrics(metrics)
-        log.print(format_epoch(metrics))
-        history["last_metrics"] = metrics
-        is_best = metrics.get("top1", -1.0) > best
-        best = max(best, metrics.get("top1", -1.0))
-        if dist.main:
-            ckpt = {"model": engine.unwrap(distiller.student).state_dict(), "distiller": distiller_state(distiller),
-                    "optimizer": optimizer.state_dict(), "epoch": epoch + 1, "best_top1": best,
-                    "history": history, "rng": engine.rng_state(), "config": engine.config_dict(cfg),
-                    "arch": cfg.student, "top1": metrics.get("top1")}
-            engine.save_atomic(ckpt, last_path)
-            if is_best:
-                engine.save_atomic(ckpt, best_path)
-
-    summary = {"top1": metrics.get("top1"), "best_top1": best, "teacher_top1": metrics.get("teacher_top1"),
-               "teacher_top1_initial": history.get("teacher_top1_initial"),
-               **{k: metrics.get(k) for k in ("kl", "gap", "agreement", "pl", "cka_logits", "cka_features")},
-               "batch_time_ms": metrics.get("batch_time_ms"), "updated_params": updated_params,
-               "method": cfg.method, "teacher": cfg.teacher if teacher is not None else None,
-               "student": cfg.student, "epochs": cfg.epochs, "seed": cfg.seed}
+        return engine.benchmark(cfg, dist, distiller, optimizer, train, amp_dtype, log)
+    summary = engine.fit(cfg, dist, distiller, optimizer, train, test, amp_dtype, log, resume=resume)
+    summary.update(method=cfg.method, teacher=cfg.teacher if teacher is not None else None, student=cfg.student,
+                   epochs=cfg.epochs, seed=cfg.seed)
     log.write_summary(summary)
     return summary
-
-
-def check_finite(sums: torch.Tensor, names: list[str], epoch: int, i: int) -> None:
-    if not bool(torch.isfinite(sums).all()):
-        bad = [n for n, v in zip(names, sums.tolist()) if not torch.isfinite(torch.tensor(v))]
-        raise engine.NonFiniteLoss(f"non-finite loss ({', '.join(bad)}) in epoch {epoch + 1} by step {i + 1}; "
-                                   f"the last checkpoint (end of epoch {epoch}) is left intact")
-
-
-RESUME_MAY_CHANGE = {"epochs", "log_every", "device", "data_dir", "download", "eval_batch_size"}
-
-
-def check_resumable(saved: dict, now: dict) -> None:
-    changed = [k for k in saved if k not in RESUME_MAY_CHANGE and saved.get(k) != now.get(k)]
-    if changed:
-        diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed)
-        raise engine.ConfigError(f"cannot resume: the config differs from the checkpoint's ({diffs})")
-
-
-def format_epoch(m: dict) -> str:
-    parts = [f"epoch {m['epoch']}"] + ([f"top1 {m['top1']:.2f}"] if "top1" in m else [])
-    if "teacher_top1" in m:
-        parts += [f"teacher {m['teacher_top1']:.2f}", f"gap {m['gap']:.3f}", f"kl {m['kl']:.3f}",
-                  f"agree {m['agreement']:.1f}"]
-    parts += [f"loss {m['train_loss']:.4f}", f"{m['batch_time_ms']:.1f} ms/step", f"{m['epoch_time_s']:.1f} s"]
-    return " | ".join(parts)
-
-
-def benchmark(cfg: CifarConfig, distiller, step: engine.TrainStep, batches: DeviceBatches, log: engine.RunLog,
-              updated_params: int) -> dict:
-    """Time ``cfg.benchmark_steps`` training steps after a warm-up (synthetic data, real models)."""
-    distiller.train()
-    sync = torch.cuda.synchronize if batches.device.type == "cuda" else (lambda: None)
-    it = iter(())
-
-    def next_batch():
-        nonlocal it
-        try:
-            return next(it)
-        except StopIteration:
-            it = batches.epoch(0)
-            return next(it)
-
-    for _ in range(10):
-        step(*next_batch())
-    prepared = [next_batch() for _ in range(min(cfg.benchmark_steps, len(batches)))]
-    sync()
-    started = time.perf_counter()
-    for i in range(cfg.benchmark_steps):
-        step(*prepared[i % len(prepared)])
-    sync()
-    ms = 1000 * (time.perf_counter() - started) / cfg.benchmark_steps
-    result = {"method": cfg.method, "teacher": cfg.teacher, "student": cfg.student, "batch_size": cfg.batch_size,
-              "amp": cfg.amp, "cuda_graph": bool(step.cuda_graph), "device": str(batches.device),
-              "step_ms": ms, "images_per_s": cfg.batch_size / ms * 1000, "updated_params": updated_params}
-    log.print(f"{cfg.method} {cfg.teacher}->{cfg.student} batch {cfg.batch_size} {cfg.amp} "
-              f"graph={step.cuda_graph}: {ms:.2f} ms/step, {result['images_per_s']:.0f} images/s")
-    log.write_summary(result)
-    return result
 
 
 # ----------------------------------------------------------------------------------------------

@@ -632,8 +632,11 @@ def _kd_config(n: int, k: int, elem_size: int, device: torch.device) -> dict:
             splits = min(-(-k // block_k), -(-2 * n_sm // row_progs))
     k_per_split = -(-(-(-k // max(1, splits))) // block_k) * block_k
     splits = -(-k // k_per_split)
-    bwd_block_k = _KD_TUNE.get("bwd_block_k") or min(_next_pow2(k), tile)
-    bwd_rows = _KD_TUNE.get("bwd_rows") or max(1, min(tile // bwd_block_k, 64, _next_pow2(max(1, n))))
+    # The backward tile holds ~10 live fp32 temporaries per element (the swap remap, both KL halves):
+    # half the forward tile on a GPU keeps it in registers (first thing to sweep on a GPU).
+    bwd_tile = tile if interpret or device.type != "cuda" else tile // 2
+    bwd_block_k = _KD_TUNE.get("bwd_block_k") or min(_next_pow2(k), bwd_tile)
+    bwd_rows = _KD_TUNE.get("bwd_rows") or max(1, min(bwd_tile // bwd_block_k, 64, _next_pow2(max(1, n))))
     num_warps = _KD_TUNE.get("num_warps") or (4 if rows * block_k <= 2048 else 8)
     return {"block_k": block_k, "rows": rows, "splits": splits, "k_per_split": k_per_split,
             "bwd_block_k": bwd_block_k, "bwd_rows": bwd_rows, "num_warps": num_warps}
@@ -674,6 +677,10 @@ def _launch_fwd(s, t, labels, tau, adjust, ignore_index, grad=None, out=None):
             dt = torch.empty((n, k), dtype=t.dtype, device=t.device) if write_dt else t.new_empty(0)
     sds = ds.stride(0) if write_ds else k
     sdt = dt.stride(0) if write_dt else k
+    if n == 0:
+        rows.zero_()
+        stats.zero_()
+        return rows, stats, ds, dt
     off64 = _needs_int64(n, k, s.stride(0), t.stride(0), sds, sdt)
     split = cfg["splits"] > 1
     part = torch.empty((n, cfg["splits"], _N_PART), dtype=torch.float32, device=s.device) if split else rows
@@ -717,7 +724,7 @@ def _launch_bwd(grad_rows, s, t, labels, stats, tau, adjust, ignore_index, detac
     grad_rows = grad_rows.float()
     ds = torch.empty((n, k), dtype=s.dtype, device=s.device) if need_ds else s.new_empty(0)
     dt = torch.empty((n, k), dtype=t.dtype, device=t.device) if need_dt else t.new_empty(0)
-    if need_ds or need_dt:
+    if (need_ds or need_dt) and n > 0:
         _launch_bwd_into(s, t, labels, stats, grad_rows, grad_rows.stride(0), grad_rows.stride(1), tau, adjust,
                          ignore_index, detach, ds, dt, need_ds, need_dt, cfg)
     return ds, dt

@@ -203,15 +203,21 @@ def load_file(path: str | Path, what: str) -> dict:
 # Learning-rate schedule: base lr per parameter group, all scaled by one factor
 # ----------------------------------------------------------------------------------------------
 def lr_factor(epoch: float, epochs: int, schedule: str, milestones: list[int], decay: float,
-              warmup_epochs: float = 0.0) -> float:
-    """Factor applied to every group's base lr at (fractional) ``epoch``."""
+              warmup_epochs: float = 0.0, step_size: float = 1.0) -> float:
+    """Factor applied to every group's base lr for the step that starts at (fractional) ``epoch``.
+
+    ``step_size`` is the length of one lr update in epochs (1 when the lr is set once per epoch);
+    the linear warm-up reaches 1 on the last update inside ``warmup_epochs`` and never gives 0.
+    """
     if warmup_epochs > 0 and epoch < warmup_epochs:
-        return (epoch + 1) / (warmup_epochs + 1)
+        return min(1.0, (epoch + step_size) / warmup_epochs)
     if schedule == "step":
         return decay ** sum(epoch >= m for m in milestones)
     if schedule == "cosine":
         return 0.5 * (1 + math.cos(math.pi * min(epoch, epochs) / epochs))
-    raise ConfigError(f"lr_schedule must be 'step' or 'cosine', got {schedule!r}")
+    if schedule == "linear":   # BERT fine-tuning: linear decay to 0 after the warm-up
+        return max(0.0, (epochs - epoch) / max(epochs - warmup_epochs, 1e-9))
+    raise ConfigError(f"lr_schedule must be 'step', 'cosine' or 'linear', got {schedule!r}")
 
 
 def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
@@ -513,8 +519,9 @@ def fit(cfg, dist_info: Dist, distiller, optimizer: torch.optim.Optimizer, train
         distiller.train()
         sums, started = None, time.perf_counter()
         for i, (x, y, index) in enumerate(train.epoch(epoch)):
-            at = epoch + i / len(train) if per_step_lr else epoch
-            factor = lr_factor(at, cfg.epochs, cfg.lr_schedule, cfg.lr_milestones, cfg.lr_decay, cfg.warmup_epochs)
+            at, size = (epoch + i / len(train), 1 / len(train)) if per_step_lr else (epoch, 1.0)
+            factor = lr_factor(at, cfg.epochs, cfg.lr_schedule, cfg.lr_milestones, cfg.lr_decay, cfg.warmup_epochs,
+                               size)
             if factor != lr_now:
                 set_lr(optimizer, factor)
                 step.invalidate()

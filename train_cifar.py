@@ -190,10 +190,6 @@ def build_models(cfg: CifarConfig, log: engine.RunLog) -> tuple[nn.Module, nn.Mo
     return student, teacher
 
 
-def distill_config(cfg: CifarConfig) -> DistillConfig:
-    return DistillConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(DistillConfig)})
-
-
 def make_optimizer(distiller, cfg: CifarConfig) -> torch.optim.Optimizer:
     return torch.optim.SGD(engine.param_groups(distiller), lr=cfg.lr, momentum=cfg.momentum,
                            weight_decay=cfg.weight_decay)
@@ -246,7 +242,7 @@ def run(cfg: CifarConfig, resume: bool = False) -> dict:
 
     # Models and method
     student, teacher = build_models(cfg, log)
-    distiller = build_distiller(cfg.method, student, teacher, distill_config(cfg), num_train=len(train.labels))
+    distiller = build_distiller(cfg.method, student, teacher, DistillConfig.from_run_config(cfg), num_train=len(train.labels))
     distiller.to(dist.device)
     if cfg.channels_last:
         distiller.to(memory_format=torch.channels_last)

@@ -1,4 +1,5 @@
-"""Writes configs/cifar/: one YAML per cell of the paper's Tables 1 and 7 (and the teacher runs).
+"""Writes configs/cifar/: one YAML per cell of the paper's Tables 1, 4, 7, 8, 12 and 14 and Figure 13
+(and the teacher runs).
 
 Defaults (the protocol of Tian et al. 2020: SGD 0.05, batch 64, 240 epochs, x0.1 at 150/180/210)
 live in train_cifar.CifarConfig; each YAML states only what makes its cell. Run again after
@@ -12,7 +13,21 @@ PAIRS = [("resnet56", "resnet20"), ("resnet110", "resnet32"), ("vgg13", "vgg8"),
 ROWS = [("kd", "kd", {}, "Vanilla KD"), ("dml", "dml", {}, "DML"), ("kdcl", "kdcl", {}, "KDCL"),
         ("ftkd", "ftkd", {}, "FT-KD"), ("pesf", "pesf", {}, "PESF-KD"),
         ("pesf_noadj", "pesf", {"label_adjust": False}, "PESF-KD without label adjustment (dagger rows)"),
-        ("ce", "ce", {}, "student trained from scratch (baseline)")]
+        ("ce", "ce", {}, "student trained from scratch (baseline)"),
+        ("pkt", "pkt", {}, "PKT"), ("crd", "crd", {}, "CRD"), ("rkd", "rkd", {}, "RKD")]
+PAPER_PAIRS = PAIRS[:4]
+# Tables 4 and 12 (resnet56 -> resnet20): PESF-KD under the feature methods, with and without label
+# adjustment (the dagger column); their "standard" column is the Table 1 rows kd, pkt, crd, rkd.
+ORTHOGONAL_PAIR = ("resnet56", "resnet20")
+ORTHOGONAL = ["pkt", "crd", "rkd"]
+# Table 8: the RepDistiller baselines on the paper's four pairs, each as kd+NAME (SPEC sec. 2).
+TABLE8 = ["fitnet", "at", "sp", "cc", "vid", "ab", "ft", "fsp"]
+# FSP compares flow matrices channel by channel: resnet56 (16/32/64 channels) and vgg8 (64..512) cannot be
+# paired, so that cell has no config (the factory refuses it with the reason).
+TABLE8_SKIP = {(("resnet56", "vgg8"), "fsp")}
+# Table 14 (vgg13 -> vgg8): adapter kinds; Figure 13: adapter bottleneck (paper pairs; the figure names none).
+ADAPTERS = ["houlsby", "lora", "parallel"]
+BOTTLENECKS = [16, 32, 64, 96]
 ROOT = Path(__file__).resolve().parent / "cifar"
 
 
@@ -39,6 +54,28 @@ def main() -> None:
             keys.update(extra)
             write(ROOT / f"{teacher}_{student}" / f"{stem}.yaml",
                   f"Tables 1 and 7, {row}: {teacher} -> {student}", keys)
+    for teacher, student in PAPER_PAIRS:
+        folder, pair = ROOT / f"{teacher}_{student}", {"teacher": teacher, "student": student,
+                                                       "teacher_ckpt": teacher_ckpt(teacher)}
+        for name in TABLE8:
+            if ((teacher, student), name) not in TABLE8_SKIP:
+                write(folder / f"{name}.yaml", f"Table 8, {name} (kd+{name}): {teacher} -> {student}",
+                      {"method": name, **pair})
+        for size in BOTTLENECKS:
+            write(folder / f"pesf_bottleneck{size}.yaml", f"Figure 13, PESF-KD adapter bottleneck {size}: "
+                  f"{teacher} -> {student}", {"method": "pesf", **pair, "bottleneck": size})
+    teacher, student = ORTHOGONAL_PAIR
+    pair = {"teacher": teacher, "student": student, "teacher_ckpt": teacher_ckpt(teacher)}
+    for name in ORTHOGONAL:
+        write(ROOT / f"{teacher}_{student}" / f"pesf_{name}.yaml", f"Table 4, PESF-KD + {name}: {teacher} -> {student}",
+              {"method": f"pesf+{name}", **pair})
+        write(ROOT / f"{teacher}_{student}" / f"pesf_{name}_noadj.yaml",
+              f"Table 12, PESF-KD + {name} without label adjustment (dagger): {teacher} -> {student}",
+              {"method": f"pesf+{name}", **pair, "label_adjust": False})
+    for kind in ADAPTERS:
+        write(ROOT / "vgg13_vgg8" / f"pesf_adapter_{kind}.yaml", f"Table 14, PESF-KD with a {kind} adapter: "
+              f"vgg13 -> vgg8", {"method": "pesf", "teacher": "vgg13", "student": "vgg8",
+                                 "teacher_ckpt": teacher_ckpt("vgg13"), "adapter": kind})
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from typing import Callable
 import torch.nn as nn
 
 from .base import DistillConfig, Distiller
+from .feature import FACTORIES as FEATURE_FACTORIES
 from .logit import (CEDistiller, DMLDistiller, FeatureTerm, FTKDDistiller, KDCLDistiller, KDDistiller,
                     PESFDistiller, min_logit_ensemble)
 
@@ -17,8 +18,8 @@ LOGIT_METHODS: dict[str, type[Distiller]] = {
     "ce": CEDistiller, "kd": KDDistiller, "ftkd": FTKDDistiller, "pesf": PESFDistiller,
     "dml": DMLDistiller, "kdcl": KDCLDistiller,
 }
-# name -> factory(student, teacher, cfg, num_train) -> FeatureTerm; filled by the feature methods.
-FEATURE_TERMS: dict[str, Callable[..., FeatureTerm]] = {}
+# name -> factory(student, teacher, cfg, num_train) -> FeatureTerm (distillers/feature.py).
+FEATURE_TERMS: dict[str, Callable[..., FeatureTerm]] = dict(FEATURE_FACTORIES)
 COMBINABLE = ("kd", "pesf")
 
 

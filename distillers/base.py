@@ -19,6 +19,7 @@ class DistillConfig:
     teacher_lr: float = 1e-3    # teachers trained in full (ftkd, dml, kdcl)
     adapter_lr: float = 1e-4    # teacher adapters (pesf)
     feat_weight: float | None = None   # beta of a feature term; None: the term's default
+    init_epochs: int | None = None     # initialisation stage (fitnet/ab/ft/fsp); None: the method's default
     backend: str = "auto"       # kd_core backend
 
 

@@ -60,7 +60,9 @@ class _WithFeatureTerm(Distiller):
         if self.feature_term is None:
             return
         t_feats = {k: _detach(v) for k, v in t_feats.items()}
-        beta = self.cfg.feat_weight if self.cfg.feat_weight is not None else self.feature_term.default_weight
+        term = self.feature_term   # under DDP the term's attributes live on the wrapped module
+        term = term.module if isinstance(term, nn.parallel.DistributedDataParallel) else term
+        beta = self.cfg.feat_weight if self.cfg.feat_weight is not None else term.default_weight
         losses["feat"] = beta * self.feature_term(s_feats, t_feats, y, index)
 
 

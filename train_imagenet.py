@@ -1,0 +1,271 @@
+"""ImageNet experiments of the PESF-KD paper (Tables 2 and 9): resnet50 -> resnet18 by default.
+
+    torchrun --nproc_per_node=8 train_imagenet.py --method pesf --data-dir /data/imagenet
+    python train_imagenet.py --config configs/imagenet/kd.yaml --data-dir /data/imagenet
+
+The data folder is a torchvision ImageFolder tree (``train/<class>/*.JPEG``, ``val/<class>/*.JPEG``).
+The teacher is torchvision's pretrained ResNet-50 (``teacher_weights``) or a checkpoint
+(``teacher_ckpt``). Reads top to bottom: parse config -> build data -> build models -> build method ->
+train and evaluate -> write results; the loop, checkpoints and metrics are ``engine.fit``'s.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+import engine
+import models
+from distillers import DistillConfig, build_distiller, needs_teacher
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class ImagenetConfig:
+    method: str = "kd"
+    teacher: str = "resnet50"
+    student: str = "resnet18"
+    teacher_weights: str | None = "IMAGENET1K_V1"   # torchvision's pretrained teacher (76.1 % top-1)
+    teacher_ckpt: str | None = None                 # overrides teacher_weights
+    data_dir: str = field(default_factory=lambda: os.environ.get("PESF_IMAGENET", "./data/imagenet"))
+    out: str | None = None                  # default: runs/imagenet/<method>_<teacher>_<student>_s<seed>
+    epochs: int = 100
+    batch_size: int = 256                   # global batch, split across ranks
+    lr: float = 0.1
+    teacher_lr: float = 1e-3
+    adapter_lr: float = 1e-4
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    lr_schedule: str = "step"
+    lr_milestones: list[int] = field(default_factory=lambda: [30, 60, 90])
+    lr_decay: float = 0.1
+    warmup_epochs: float = 0.0
+    alpha: float = 0.9
+    tau: float = 4.0
+    w_tce: float = 0.5
+    w_tkl: float | None = None
+    label_adjust: bool | None = None
+    adapter: str = "houlsby"
+    adapter_slot: str = "head"
+    bottleneck: int = 32
+    feat_weight: float | None = None
+    init_epochs: int | None = None
+    image_size: int = 224
+    workers: int = 8                        # data-loading processes per rank
+    seed: int = 0
+    device: str = "auto"
+    amp: str = "auto"                       # bf16 | none | auto (bf16 on CUDA)
+    channels_last: bool | None = None       # None: on for CUDA
+    cuda_graph: bool = False                # the step is not launch-bound at batch 256
+    backend: str = "auto"
+    eval_batch_size: int = 256
+    eval_every: int = 1
+    limit_batches: int = 0
+    benchmark_steps: int = 0
+    log_every: int = 100
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: ImageFolder decoded and augmented by worker processes as uint8, normalised on the device
+# ----------------------------------------------------------------------------------------------
+class Indexed(Dataset):
+    """Adds the sample index (CRD's memory bank needs it)."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        x, y = self.dataset[i]
+        return x, y, i
+
+
+def image_folder(root: Path, train: bool, size: int) -> Dataset:
+    import torchvision.transforms as T
+    from torchvision.datasets import ImageFolder
+    if not root.is_dir():
+        raise FileNotFoundError(f"ImageNet split not found: {root} (expected an ImageFolder tree <data_dir>/"
+                                f"{root.name}/<class>/<image>; set --data-dir or PESF_IMAGENET)")
+    if train:
+        transform = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.PILToTensor()])
+    else:
+        transform = T.Compose([T.Resize(size * 8 // 7), T.CenterCrop(size), T.PILToTensor()])
+    return Indexed(ImageFolder(str(root), transform=transform))
+
+
+class LoaderBatches:
+    """DataLoader over a sharded sampler; yields normalised ``(x, y, index)`` on the device.
+
+    Training drops the last partial batch and reshuffles per epoch (seeded by seed and epoch).
+    """
+
+    def __init__(self, dataset: Dataset, batch_size: int, train: bool, device: torch.device, seed: int,
+                 rank: int, world: int, workers: int, limit: int = 0, channels_last: bool = False) -> None:
+        if train and batch_size % world:
+            raise ValueError(f"batch_size {batch_size} must be divisible by the number of processes {world}")
+        self.sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=train, seed=seed,
+                                          drop_last=train)
+        self.loader = DataLoader(dataset, batch_size=batch_size // world if train else batch_size,
+                                 sampler=self.sampler, num_workers=workers, pin_memory=device.type == "cuda",
+                                 drop_last=train, persistent_workers=workers > 0)
+        self.device, self.limit = device, limit
+        self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def __len__(self) -> int:
+        return min(len(self.loader), self.limit) if self.limit else len(self.loader)
+
+    def epoch(self, epoch: int):
+        self.sampler.set_epoch(epoch)
+        for i, (x, y, index) in enumerate(self.loader):
+            if i == len(self):
+                return
+            x = x.to(self.device, non_blocking=True).float().sub_(self.mean).div_(self.std)
+            yield (x.contiguous(memory_format=self.memory_format), y.to(self.device, non_blocking=True),
+                   index.to(self.device, non_blocking=True))
+
+
+class SyntheticBatches:
+    """Random images for --benchmark-steps (no data set needed): step time does not depend on pixels."""
+
+    def __init__(self, batch_size: int, size: int, num_classes: int, device: torch.device,
+                 channels_last: bool) -> None:
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.x = torch.randn(batch_size, 3, size, size, generator=gen).to(device, memory_format=memory_format)
+        self.y = torch.randint(0, num_classes, (batch_size,), generator=gen).to(device)
+        self.index = torch.arange(batch_size, device=device)
+
+    def __len__(self) -> int:
+        return 8
+
+    def epoch(self, epoch: int):
+        for _ in range(len(self)):
+            yield self.x, self.y, self.index
+
+
+# ----------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------
+def build_models(cfg: ImagenetConfig, num_classes: int, log: engine.RunLog) -> tuple[nn.Module, nn.Module | None]:
+    student = models.build_model(cfg.student, num_classes)
+    if not needs_teacher(cfg.method):
+        return student, None
+    adapter = dict(adapter=cfg.adapter, slot=cfg.adapter_slot, bottleneck=cfg.bottleneck) \
+        if cfg.method.split("+")[0] == "pesf" else {}
+    if cfg.teacher_ckpt:
+        teacher = models.build_model(cfg.teacher, num_classes, **adapter)
+        models.load_checkpoint(teacher, cfg.teacher_ckpt)
+    elif cfg.teacher_weights:
+        if num_classes != 1000:
+            raise engine.ConfigError(f"teacher_weights {cfg.teacher_weights!r} are for 1000 classes, the data has "
+                                     f"{num_classes}: pass --teacher-ckpt")
+        try:
+            teacher = models.build_model(cfg.teacher, num_classes, weights=cfg.teacher_weights, **adapter)
+        except OSError as err:   # no network or cache: say what to do instead of a urllib traceback
+            raise engine.ConfigError(f"could not load torchvision weights {cfg.teacher_weights!r} ({err}); put "
+                                     f"them in the torch hub cache or pass --teacher-ckpt") from None
+    elif cfg.benchmark_steps:
+        log.print("note: no teacher weights; benchmarking with a randomly initialised teacher")
+        teacher = models.build_model(cfg.teacher, num_classes, **adapter)
+    else:
+        raise engine.ConfigError(f"method {cfg.method!r} needs a teacher: set teacher_weights or --teacher-ckpt")
+    return student, teacher
+
+
+def resolve(cfg: ImagenetConfig, dist: engine.Dist) -> tuple[ImagenetConfig, torch.dtype | None]:
+    cuda = dist.device.type == "cuda"
+    if cfg.amp not in ("auto", "bf16", "none"):
+        raise engine.ConfigError(f"amp must be auto, bf16 or none, got {cfg.amp!r}")
+    amp = ("bf16" if cuda else "none") if cfg.amp == "auto" else cfg.amp
+    pair = cfg.student if not needs_teacher(cfg.method) else f"{cfg.teacher}_{cfg.student}"
+    cfg = dataclasses.replace(cfg, amp=amp, out=cfg.out or f"runs/imagenet/{cfg.method}_{pair}_s{cfg.seed}",
+                              channels_last=cuda if cfg.channels_last is None else cfg.channels_last)
+    return cfg, (torch.bfloat16 if amp == "bf16" else None)
+
+
+def run(cfg: ImagenetConfig, resume: bool = False) -> dict:
+    dist = engine.init_distributed(cfg.device)
+    cfg, amp_dtype = resolve(cfg, dist)
+    log = engine.RunLog(cfg.out, enabled=dist.main)
+    engine.seed_everything(cfg.seed)
+
+    # Data
+    if cfg.benchmark_steps:
+        num_classes = 1000
+        train = SyntheticBatches(cfg.batch_size // dist.world, cfg.image_size, num_classes, dist.device,
+                                 cfg.channels_last)
+        num_train = len(train) * cfg.batch_size
+    else:
+        root = Path(cfg.data_dir)
+        train_set = image_folder(root / "train", True, cfg.image_size)
+        val_set = image_folder(root / "val", False, cfg.image_size)
+        num_classes, num_train = len(train_set.dataset.classes), len(train_set)
+        common = dict(device=dist.device, seed=cfg.seed, rank=dist.rank, world=dist.world, workers=cfg.workers,
+                      limit=cfg.limit_batches, channels_last=cfg.channels_last)
+        train = LoaderBatches(train_set, cfg.batch_size, True, **common)
+        test = LoaderBatches(val_set, max(1, cfg.eval_batch_size // dist.world), False, **common)
+        if len(train) == 0:
+            raise engine.ConfigError(f"no full training batch: {num_train} images, batch size {cfg.batch_size}")
+
+    # Models and method
+    student, teacher = build_models(cfg, num_classes, log)
+    distiller = build_distiller(cfg.method, student, teacher, DistillConfig.from_run_config(cfg),
+                                num_train=num_train)
+    distiller.to(dist.device)
+    if cfg.channels_last:
+        distiller.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(engine.param_groups(distiller), lr=cfg.lr, momentum=cfg.momentum,
+                                weight_decay=cfg.weight_decay)
+
+    # Train and evaluate
+    if cfg.benchmark_steps:
+        return engine.benchmark(cfg, dist, distiller, optimizer, train, amp_dtype, log)
+    summary = engine.fit(cfg, dist, distiller, optimizer, train, test, amp_dtype, log, resume=resume)
+    summary.update(method=cfg.method, teacher=cfg.teacher if teacher is not None else None, student=cfg.student,
+                   epochs=cfg.epochs, seed=cfg.seed, num_classes=num_classes)
+    log.write_summary(summary)
+    return summary
+
+
+def parse_args(argv=None) -> tuple[ImagenetConfig, argparse.Namespace]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML file of config keys (see configs/imagenet/)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    for flag, kind in [("method", str), ("teacher", str), ("student", str), ("teacher-ckpt", str),
+                       ("data-dir", str), ("out", str), ("epochs", int), ("batch-size", int), ("seed", int),
+                       ("device", str), ("limit-batches", int), ("benchmark-steps", int), ("workers", int)]:
+        p.add_argument(f"--{flag}", type=kind)
+    p.add_argument("--no-label-adjust", dest="label_adjust", action="store_false", default=None)
+    p.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
+    args = p.parse_args(argv)
+    overrides = {k: v for k, v in vars(args).items() if k not in ("config", "set", "resume") and v is not None}
+    return engine.build_config(ImagenetConfig, args.config, args.set, overrides), args
+
+
+def main(argv=None) -> int:
+    try:
+        cfg, args = parse_args(argv)
+        run(cfg, resume=args.resume)
+    except (ValueError, FileNotFoundError, engine.NonFiniteLoss) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        engine.shutdown_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -75,7 +75,7 @@ def pool_to(f, size):
 def test_registry_holds_every_method_and_its_default_weight():
     weights = {"pkt": 30000, "rkd": 1, "crd": 0.8, "fitnet": 100, "at": 1000, "sp": 3000, "cc": 0.02, "vid": 1,
                "ab": 1, "ft": 200, "fsp": 50}
-    assert set(FEATURE_TERMS) == set(weights)
+    assert set(fm.FACTORIES) == set(weights) and set(weights) <= set(FEATURE_TERMS)
     s, t = models.build_model("resnet8", 100), models.build_model("resnet14", 100)
     for name, w in weights.items():
         assert parse_method(name) == ("kd", name) and parse_method(f"pesf+{name}") == ("pesf", name)
@@ -256,7 +256,7 @@ def test_crd_nce_memory_update_and_normaliser():
     v_s, v_t = embed(term.embed_s, f_s), embed(term.embed_t, f_t)
 
     def nce(v, memory):
-        scores = torch.tensor([[math.exp(float(memory[j] @ v[i]) / temp) for j in idx[i].tolist()]
+        scores = torch.tensor([[math.exp(float(memory[j] @ v[i].detach()) / temp) for j in idx[i].tolist()]
                                for i in range(b)], dtype=D)
         z = float(scores.mean()) * n
         p, noise = scores / z, k / n
@@ -296,7 +296,7 @@ def run(tmp_path, data, **keys) -> dict:
     return train_cifar.run(cfg)
 
 
-@pytest.mark.parametrize("method", [*FEATURE_TERMS, "pesf+pkt", "pesf+crd", "pesf+fitnet"])
+@pytest.mark.parametrize("method", [*fm.FACTORIES, "pesf+pkt", "pesf+crd", "pesf+fitnet"])
 def test_every_method_runs(method, fake_cifar, teacher_ckpt, tmp_path, capsys):
     summary = run(tmp_path, fake_cifar, method=method, teacher_ckpt=str(teacher_ckpt))
     assert 0 <= summary["top1"] <= 100

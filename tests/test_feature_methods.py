@@ -21,7 +21,7 @@ from distillers import feature as fm
 from train_cifar import CifarConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = dict(teacher="resnet8", student="resnet8", epochs=1, batch_size=16, limit_batches=2, eval_batch_size=50,
+TINY = dict(teacher="resnet8", student="resnet8", epochs=1, batch_size=16, limit_batches=2, eval_batch_size=16,
             log_every=1, init_epochs=1)
 D = torch.float64
 

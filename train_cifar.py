@@ -41,7 +41,7 @@ class CifarConfig:
     teacher_ckpt: str | None = None
     data_dir: str = field(default_factory=lambda: os.environ.get("PESF_DATA", "./data"))
     download: bool = False
-    out: str | None = None                  # default: runs/cifar/<method>_<teacher>_<student>_s<seed>
+    out: str | None = None                  # may name config keys: runs/x_s{seed}; default: run_folder()
     epochs: int = 240
     batch_size: int = 64                    # global batch, split across ranks
     lr: float = 0.05
@@ -203,7 +203,7 @@ def resolve(cfg: CifarConfig, dist: engine.Dist) -> tuple[CifarConfig, torch.dty
     if cfg.amp not in ("auto", "bf16", "none"):
         raise engine.ConfigError(f"amp must be auto, bf16 or none, got {cfg.amp!r}")
     amp = "bf16" if cfg.amp == "auto" and cuda else ("none" if cfg.amp == "auto" else cfg.amp)
-    out = cfg.out or default_out(cfg)
+    out = run_folder(cfg)
     cfg = dataclasses.replace(
         cfg, amp=amp, out=out,
         channels_last=cuda if cfg.channels_last is None else cfg.channels_last,
@@ -211,7 +211,10 @@ def resolve(cfg: CifarConfig, dist: engine.Dist) -> tuple[CifarConfig, torch.dty
     return cfg, (torch.bfloat16 if amp == "bf16" else None)
 
 
-def default_out(cfg: CifarConfig) -> str:
+def run_folder(cfg: CifarConfig) -> str:
+    """``cfg.out`` with config keys filled in (``runs/x_s{seed}``), or a name made from the method and pair."""
+    if cfg.out:
+        return cfg.out.format_map(dataclasses.asdict(cfg))
     pair = cfg.student if not needs_teacher(cfg.method) else f"{cfg.teacher}_{cfg.student}"
     return f"runs/cifar/{cfg.method}_{pair}_s{cfg.seed}"
 
@@ -321,7 +324,7 @@ def sweep(args: argparse.Namespace, base: CifarConfig) -> None:
         if not sep or not values:
             raise engine.ConfigError(f"--sweep expects KEY=V1,V2,..., got {item!r}")
         axes.append([f"{key.strip()}={v.strip()}" for v in values.split(",")])
-    root = Path(base.out or default_out(base)) / "sweep"
+    root = Path(run_folder(base)) / "sweep"
     rows = []
     for combo in itertools.product(*axes):
         overrides = {**args.overrides, "out": str(root / "_".join(combo))}

@@ -33,11 +33,13 @@ ROOT = Path(__file__).resolve().parent / "cifar"
 
 def teacher_ckpt(arch: str) -> str:
     # The last epoch, not the best: choosing a teacher by test accuracy would tune on the test set.
-    return f"runs/cifar/ce_{arch}_s0/last.pt"
+    return f"runs/cifar/teachers/{arch}_s0/last.pt"
 
 
 def write(path: Path, comment: str, keys: dict) -> None:
+    """Each config runs into runs/ at the same relative path (one folder per cell and seed)."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    keys = {**keys, "out": f"runs/cifar/{path.relative_to(ROOT).with_suffix('')}_s{{seed}}"}
     body = "".join(f"{k}: {str(v).lower() if isinstance(v, bool) else v}\n" for k, v in keys.items())
     path.write_text(f"# {comment}\n{body}")
 

@@ -14,6 +14,7 @@ import torch
 import engine
 import models
 import train_cifar
+from distillers import parse_method
 from train_cifar import CifarConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,9 +105,14 @@ def test_unknown_config_key_lists_valid_keys(tmp_path):
 def test_every_shipped_config_parses():
     files = sorted((ROOT / "configs" / "cifar").rglob("*.yaml"))
     assert len(files) > 40
+    folders = set()
     for path in files:
         cfg = engine.build_config(CifarConfig, str(path))
-        assert cfg.method
+        parse_method(cfg.method)
+        folders.add(train_cifar.run_folder(cfg))
+        if cfg.teacher_ckpt:     # every teacher checkpoint is made by a shipped teacher config
+            assert (ROOT / "configs" / "cifar" / "teachers" / f"{cfg.teacher}.yaml").is_file()
+    assert len(folders) == len(files)     # no two cells write into the same run folder
 
 
 def run(tmp_path, data, **keys) -> dict:

@@ -1,9 +1,12 @@
 """Shared test fixtures: the real data in ../shared/data (skipped with a reason when absent)."""
 import os
+import pickle
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -24,3 +27,29 @@ def cifar_dir(shared_data) -> Path:
     if not (path / "train").is_file():
         pytest.skip(f"CIFAR-100 pickles not found under {path}")
     return shared_data
+
+
+@pytest.fixture(scope="module")
+def fake_cifar(tmp_path_factory) -> Path:
+    """A CIFAR-100 folder in the standard python-pickle format, small and random."""
+    root = tmp_path_factory.mktemp("cifar")
+    folder = root / "cifar-100-python"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 160), ("test", 100)):
+        entry = {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                 "fine_labels": rng.integers(0, 100, n).tolist(), "coarse_labels": [0] * n,
+                 "filenames": [f"{i}.png" for i in range(n)], "batch_label": split}
+        with open(folder / split, "wb") as f:
+            pickle.dump(entry, f)
+    return root
+
+
+@pytest.fixture(scope="module")
+def teacher_ckpt(tmp_path_factory) -> Path:
+    """A randomly initialised resnet8 'teacher' checkpoint in the {"model": state_dict} layout."""
+    import models
+    torch.manual_seed(1)
+    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
+    torch.save({"model": models.build_model("resnet8", 100).state_dict()}, path)
+    return path

@@ -2,13 +2,11 @@
 train_cifar.run on a fake CIFAR pickle, CRD's memory bank across --resume and across two DDP ranks."""
 import math
 import os
-import pickle
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -25,29 +23,6 @@ TINY = dict(teacher="resnet8", student="resnet8", epochs=1, batch_size=16, limit
             log_every=1, init_epochs=1)
 D = torch.float64
 
-
-@pytest.fixture(scope="module")
-def fake_cifar(tmp_path_factory) -> Path:
-    """A CIFAR-100 folder in the standard python-pickle format, small and random."""
-    root = tmp_path_factory.mktemp("cifar")
-    folder = root / "cifar-100-python"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 160), ("test", 100)):
-        entry = {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-                 "fine_labels": rng.integers(0, 100, n).tolist(), "coarse_labels": [0] * n,
-                 "filenames": [f"{i}.png" for i in range(n)], "batch_label": split}
-        with open(folder / split, "wb") as f:
-            pickle.dump(entry, f)
-    return root
-
-
-@pytest.fixture(scope="module")
-def teacher_ckpt(tmp_path_factory) -> Path:
-    torch.manual_seed(1)
-    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
-    torch.save({"model": models.build_model("resnet8", 100).state_dict()}, path)
-    return path
 
 
 def rand(*shape, seed=0):

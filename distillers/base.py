@@ -1,6 +1,7 @@
 """The one interface every distillation method implements (after mdistiller's ``Distiller``)."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,11 @@ class DistillConfig:
     feat_weight: float | None = None   # beta of a feature term; None: the term's default
     init_epochs: int | None = None     # initialisation stage (fitnet/ab/ft/fsp); None: the method's default
     backend: str = "auto"       # kd_core backend
+
+    @classmethod
+    def from_run_config(cls, cfg) -> "DistillConfig":
+        """Take the fields of this class from a script's run config (which holds them all)."""
+        return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)})
 
 
 class Distiller(nn.Module):

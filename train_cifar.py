@@ -80,7 +80,7 @@ class CifarConfig:
 # ----------------------------------------------------------------------------------------------
 # Data
 # ----------------------------------------------------------------------------------------------
-class DataNotFound(RuntimeError):
+class DataNotFound(FileNotFoundError):
     pass
 
 
@@ -89,7 +89,11 @@ def load_cifar100(root: str | Path, download: bool = False) -> dict[str, tuple[t
     folder = Path(root) / "cifar-100-python"
     if not (folder / "train").is_file() and download:
         import torchvision  # only needed to fetch the archive
-        torchvision.datasets.CIFAR100(str(root), train=True, download=True)
+        try:
+            torchvision.datasets.CIFAR100(str(root), train=True, download=True)
+        except OSError as err:   # offline, or a folder we may not write to
+            raise DataNotFound(f"could not download CIFAR-100 into {root} ({err}). Without a network, copy the "
+                               f"cifar-100-python/ folder there or point --data-dir / PESF_DATA at it.") from None
     if not (folder / "train").is_file() or not (folder / "test").is_file():
         raise DataNotFound(f"CIFAR-100 not found: looked for {folder}/train and {folder}/test. Pass --download "
                            f"to fetch it with torchvision, or point --data-dir / PESF_DATA at the folder that "
@@ -264,6 +268,16 @@ def run(cfg: CifarConfig, resume: bool = False) -> dict:
 # ----------------------------------------------------------------------------------------------
 # Quickstart: a small teacher, then KD and PESF students, and a comparison table
 # ----------------------------------------------------------------------------------------------
+def quickstart_data(data_dir: str) -> str:
+    """``data_dir`` when it holds CIFAR-100, else the ``shared/data`` folder beside the checkout (where the
+    project's development machines keep it) when that does; otherwise ``data_dir``, to download into."""
+    shared = Path(__file__).resolve().parent.parent / "shared" / "data"
+    for candidate in (Path(data_dir), shared):
+        if (candidate / "cifar-100-python" / "train").is_file():
+            return str(candidate)
+    return data_dir
+
+
 def quickstart(base: CifarConfig) -> None:
     cuda = torch.cuda.is_available() and base.device in ("auto", "cuda")
     if cuda:
@@ -274,9 +288,10 @@ def quickstart(base: CifarConfig) -> None:
                     eval_every=3, log_every=20)
         teacher, student = "resnet14", "resnet8"
     root = Path(base.out or "runs/quickstart")
-    common = dataclasses.replace(base, teacher=teacher, student=student, **size)
+    common = dataclasses.replace(base, teacher=teacher, student=student, data_dir=quickstart_data(base.data_dir),
+                                 download=True, **size)
     print(f"quickstart on {'CUDA' if cuda else 'CPU'}: teacher {teacher}, students {student}, "
-          f"{size['epochs']} epochs each, outputs in {root}/", flush=True)
+          f"{size['epochs']} epochs each, data in {common.data_dir}, outputs in {root}/", flush=True)
     rows = {}
     t_cfg = dataclasses.replace(common, method="ce", student=teacher, out=str(root / "teacher"))
     rows[f"teacher ({teacher}, ce)"] = run(t_cfg)
@@ -345,7 +360,7 @@ def main(argv=None) -> int:
             sweep(args, cfg)
         else:
             run(cfg, resume=args.resume)
-    except (ValueError, DataNotFound, FileNotFoundError, engine.NonFiniteLoss) as err:
+    except (ValueError, FileNotFoundError, engine.NonFiniteLoss) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     finally:

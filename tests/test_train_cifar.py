@@ -41,6 +41,18 @@ def test_missing_data_names_the_folder(tmp_path):
         train_cifar.load_cifar100(tmp_path)
 
 
+def test_offline_download_is_a_clear_error(tmp_path, monkeypatch):
+    import urllib.error
+    import torchvision
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR100", offline)
+    with pytest.raises(train_cifar.DataNotFound, match="could not download CIFAR-100 into .*cifar-100-python/"):
+        train_cifar.load_cifar100(tmp_path, download=True)
+
+
 def test_augmentation_is_a_padded_crop_with_optional_flip(fake_cifar):
     images, labels = train_cifar.load_cifar100(fake_cifar)["train"]
     batches = train_cifar.DeviceBatches(images, labels, 16, torch.device("cpu"), train=True, seed=3)

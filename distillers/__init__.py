@@ -11,6 +11,7 @@ import torch.nn as nn
 
 from .base import DistillConfig, Distiller
 from .feature import FACTORIES as FEATURE_FACTORIES
+from .nlp import FACTORIES as NLP_FACTORIES
 from .logit import (CEDistiller, DMLDistiller, FeatureTerm, FTKDDistiller, KDCLDistiller, KDDistiller,
                     PESFDistiller, min_logit_ensemble)
 
@@ -20,6 +21,7 @@ LOGIT_METHODS: dict[str, type[Distiller]] = {
 }
 # name -> factory(student, teacher, cfg, num_train) -> FeatureTerm (distillers/feature.py).
 FEATURE_TERMS: dict[str, Callable[..., FeatureTerm]] = dict(FEATURE_FACTORIES)
+FEATURE_TERMS.update(NLP_FACTORIES)   # pkd (distillers/nlp.py)
 COMBINABLE = ("kd", "pesf")
 
 

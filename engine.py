@@ -4,6 +4,7 @@ Everything here is method- and data-agnostic; the scripts read top to bottom and
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
@@ -95,6 +96,46 @@ def build_config(cls, path: str | None = None, sets: list[str] | None = None, ov
 
 def config_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
+
+
+# Flags that are not config keys; every other flag is a config override.
+_RUN_FLAGS = ("config", "set", "resume")
+
+
+def arg_parser(doc: str, configs: str, flags: list[tuple[str, type]]) -> argparse.ArgumentParser:
+    """The command line every script shares: --config, --set, --resume, --no-label-adjust, and one
+    ``--name`` flag per entry of ``flags`` for the most used config keys."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help=f"YAML file of config keys (see {configs})")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    for flag, kind in flags:
+        p.add_argument(f"--{flag}", type=kind)
+    p.add_argument("--no-label-adjust", dest="label_adjust", action="store_false", default=None,
+                   help="no label adjustment (the paper's dagger rows)")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
+    return p
+
+
+def parse_config(cls, parser: argparse.ArgumentParser, argv=None, actions: tuple[str, ...] = ()):
+    """Parse the command line into a ``cls`` config; ``actions`` are the script's own non-config flags.
+
+    Returns ``(cfg, args)``; ``args.overrides`` holds the flags given as config values.
+    """
+    args = parser.parse_args(argv)
+    args.overrides = {k: v for k, v in vars(args).items() if k not in (*_RUN_FLAGS, *actions) and v is not None}
+    return build_config(cls, args.config, args.set, args.overrides), args
+
+
+def cli(body) -> int:
+    """Run ``body()``; bad input of any kind is one line on stderr and exit status 2, never a traceback."""
+    try:
+        body()
+    except (ValueError, FileNotFoundError, NonFiniteLoss) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        shutdown_distributed()
+    return 0
 
 
 # ----------------------------------------------------------------------------------------------

@@ -310,25 +310,15 @@ def quickstart(base: CifarConfig) -> None:
 # Command line
 # ----------------------------------------------------------------------------------------------
 def parse_args(argv=None) -> tuple[CifarConfig, argparse.Namespace]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="YAML file of config keys (see configs/cifar/)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-    for flag, kind in [("method", str), ("teacher", str), ("student", str), ("teacher-ckpt", str),
-                       ("data-dir", str), ("out", str), ("epochs", int), ("batch-size", int), ("seed", int),
-                       ("device", str), ("limit-batches", int), ("benchmark-steps", int)]:
-        p.add_argument(f"--{flag}", type=kind)
+    p = engine.arg_parser(__doc__, "configs/cifar/", [
+        ("method", str), ("teacher", str), ("student", str), ("teacher-ckpt", str), ("data-dir", str),
+        ("out", str), ("epochs", int), ("batch-size", int), ("seed", int), ("device", str), ("limit-batches", int),
+        ("benchmark-steps", int)])
     p.add_argument("--download", action="store_true", default=None, help="fetch CIFAR-100 with torchvision")
-    p.add_argument("--no-label-adjust", dest="label_adjust", action="store_false", default=None,
-                   help="the paper's † rows")
-    p.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
     p.add_argument("--quickstart", action="store_true", help="teacher, then ce/kd/pesf students, and a table")
     p.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2,...",
                    help="run every combination of these values (repeatable) and print a table")
-    args = p.parse_args(argv)
-    args.overrides = {k: v for k, v in vars(args).items()
-                      if k not in ("config", "set", "resume", "quickstart", "sweep") and v is not None}
-    cfg = engine.build_config(CifarConfig, args.config, args.set, args.overrides)
-    return cfg, args
+    return engine.parse_config(CifarConfig, p, argv, actions=("quickstart", "sweep"))
 
 
 def sweep(args: argparse.Namespace, base: CifarConfig) -> None:
@@ -352,7 +342,7 @@ def sweep(args: argparse.Namespace, base: CifarConfig) -> None:
 
 
 def main(argv=None) -> int:
-    try:
+    def body() -> None:
         cfg, args = parse_args(argv)
         if args.quickstart:
             quickstart(cfg)
@@ -360,12 +350,7 @@ def main(argv=None) -> int:
             sweep(args, cfg)
         else:
             run(cfg, resume=args.resume)
-    except (ValueError, FileNotFoundError, engine.NonFiniteLoss) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    finally:
-        engine.shutdown_distributed()
-    return 0
+    return engine.cli(body)
 
 
 if __name__ == "__main__":

@@ -74,7 +74,7 @@ class GlueConfig:
 # ----------------------------------------------------------------------------------------------
 # Data: the GLUE TSV files, read by header column names, tokenised once
 # ----------------------------------------------------------------------------------------------
-class DataNotFound(RuntimeError):
+class DataNotFound(FileNotFoundError):
     pass
 
 
@@ -364,31 +364,18 @@ def run(cfg: GlueConfig, resume: bool = False) -> dict:
 # Command line
 # ----------------------------------------------------------------------------------------------
 def parse_args(argv=None) -> tuple[GlueConfig, argparse.Namespace]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="YAML file of config keys (see configs/glue/)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-    for flag, kind in [("task", str), ("method", str), ("teacher", str), ("student", str), ("data-dir", str),
-                       ("out", str), ("epochs", int), ("batch-size", int), ("max-length", int), ("seed", int),
-                       ("device", str), ("limit-batches", int), ("benchmark-steps", int)]:
-        p.add_argument(f"--{flag}", type=kind)
-    p.add_argument("--no-label-adjust", dest="label_adjust", action="store_false", default=None,
-                   help="the paper's † rows")
-    p.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
-    args = p.parse_args(argv)
-    overrides = {k: v for k, v in vars(args).items() if k not in ("config", "set", "resume") and v is not None}
-    return engine.build_config(GlueConfig, args.config, args.set, overrides), args
+    p = engine.arg_parser(__doc__, "configs/glue/", [
+        ("task", str), ("method", str), ("teacher", str), ("student", str), ("data-dir", str), ("out", str),
+        ("epochs", int), ("batch-size", int), ("max-length", int), ("seed", int), ("device", str),
+        ("limit-batches", int), ("benchmark-steps", int)])
+    return engine.parse_config(GlueConfig, p, argv)
 
 
 def main(argv=None) -> int:
-    try:
+    def body() -> None:
         cfg, args = parse_args(argv)
         run(cfg, resume=args.resume)
-    except (ValueError, DataNotFound, FileNotFoundError, engine.NonFiniteLoss) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    finally:
-        engine.shutdown_distributed()
-    return 0
+    return engine.cli(body)
 
 
 if __name__ == "__main__":

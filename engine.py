@@ -188,6 +188,15 @@ def unwrap(module: torch.nn.Module) -> torch.nn.Module:
     return module.module if isinstance(module, torch.nn.parallel.DistributedDataParallel) else module
 
 
+def resolve_amp(amp: str, device: torch.device) -> tuple[str, torch.dtype | None]:
+    """``amp`` config value -> (resolved name, autocast dtype): ``auto`` is bf16 on CUDA, none elsewhere."""
+    if amp not in ("auto", "bf16", "none"):
+        raise ConfigError(f"amp must be auto, bf16 or none, got {amp!r}")
+    if amp == "auto":
+        amp = "bf16" if device.type == "cuda" else "none"
+    return amp, (torch.bfloat16 if amp == "bf16" else None)
+
+
 def shutdown_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

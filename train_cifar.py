@@ -204,15 +204,13 @@ def make_optimizer(distiller, cfg: CifarConfig) -> torch.optim.Optimizer:
 # ----------------------------------------------------------------------------------------------
 def resolve(cfg: CifarConfig, dist: engine.Dist) -> tuple[CifarConfig, torch.dtype | None]:
     cuda = dist.device.type == "cuda"
-    if cfg.amp not in ("auto", "bf16", "none"):
-        raise engine.ConfigError(f"amp must be auto, bf16 or none, got {cfg.amp!r}")
-    amp = "bf16" if cfg.amp == "auto" and cuda else ("none" if cfg.amp == "auto" else cfg.amp)
+    amp, amp_dtype = engine.resolve_amp(cfg.amp, dist.device)
     out = run_folder(cfg)
     cfg = dataclasses.replace(
         cfg, amp=amp, out=out,
         channels_last=cuda if cfg.channels_last is None else cfg.channels_last,
         cuda_graph=(cuda and dist.world == 1) if cfg.cuda_graph is None else cfg.cuda_graph)
-    return cfg, (torch.bfloat16 if amp == "bf16" else None)
+    return cfg, amp_dtype
 
 
 def run_folder(cfg: CifarConfig) -> str:

@@ -286,8 +286,6 @@ def adamw(distiller, cfg: GlueConfig) -> torch.optim.AdamW:
 # One run
 # ----------------------------------------------------------------------------------------------
 def resolve(cfg: GlueConfig, dist: engine.Dist) -> tuple[GlueConfig, torch.dtype | None]:
-    if cfg.amp not in ("auto", "bf16", "none"):
-        raise engine.ConfigError(f"amp must be auto, bf16 or none, got {cfg.amp!r}")
     if cfg.cuda_graph:
         raise engine.ConfigError("cuda_graph needs one batch shape; GLUE batches are padded to their longest row")
     if needs_teacher(cfg.method) and not cfg.teacher:
@@ -300,12 +298,11 @@ def resolve(cfg: GlueConfig, dist: engine.Dist) -> tuple[GlueConfig, torch.dtype
             and (Path(cfg.student) / "vocab.txt").read_bytes() != (Path(cfg.teacher) / "vocab.txt").read_bytes():
         raise engine.ConfigError(f"{cfg.student} and {cfg.teacher} have different vocabularies; the data is "
                                  f"tokenised once, with the teacher's")
-    cuda = dist.device.type == "cuda"
-    amp = "bf16" if cfg.amp == "auto" and cuda else ("none" if cfg.amp == "auto" else cfg.amp)
+    amp, amp_dtype = engine.resolve_amp(cfg.amp, dist.device)
     cfg = dataclasses.replace(cfg, task=task_name(cfg.task), amp=amp,
                               warmup_epochs=0.1 * cfg.epochs if cfg.warmup_epochs is None else cfg.warmup_epochs)
     cfg = dataclasses.replace(cfg, out=cfg.out or default_out(cfg))
-    return cfg, (torch.bfloat16 if amp == "bf16" else None)
+    return cfg, amp_dtype
 
 
 def default_out(cfg: GlueConfig) -> str:

@@ -187,13 +187,11 @@ def build_models(cfg: ImagenetConfig, num_classes: int, log: engine.RunLog) -> t
 
 def resolve(cfg: ImagenetConfig, dist: engine.Dist) -> tuple[ImagenetConfig, torch.dtype | None]:
     cuda = dist.device.type == "cuda"
-    if cfg.amp not in ("auto", "bf16", "none"):
-        raise engine.ConfigError(f"amp must be auto, bf16 or none, got {cfg.amp!r}")
-    amp = ("bf16" if cuda else "none") if cfg.amp == "auto" else cfg.amp
+    amp, amp_dtype = engine.resolve_amp(cfg.amp, dist.device)
     pair = cfg.student if not needs_teacher(cfg.method) else f"{cfg.teacher}_{cfg.student}"
     cfg = dataclasses.replace(cfg, amp=amp, out=cfg.out or f"runs/imagenet/{cfg.method}_{pair}_s{cfg.seed}",
                               channels_last=cuda if cfg.channels_last is None else cfg.channels_last)
-    return cfg, (torch.bfloat16 if amp == "bf16" else None)
+    return cfg, amp_dtype
 
 
 def run(cfg: ImagenetConfig, resume: bool = False) -> dict:

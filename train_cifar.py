@@ -282,8 +282,8 @@ def quickstart(base: CifarConfig) -> None:
         size = dict(epochs=15, lr_schedule="cosine", lr=0.1, batch_size=128, log_every=200)
         teacher, student = "resnet56", "resnet20"
     else:  # a 2-core CPU: a few minutes in all
-        size = dict(epochs=3, lr_schedule="cosine", lr=0.1, batch_size=64, train_subset=5000, eval_batch_size=500,
-                    eval_every=3, log_every=20)
+        size = dict(epochs=4, lr_schedule="cosine", lr=0.1, batch_size=64, train_subset=12000, eval_batch_size=500,
+                    eval_every=4, log_every=50)
         teacher, student = "resnet14", "resnet8"
     root = Path(base.out or "runs/quickstart")
     common = dataclasses.replace(base, teacher=teacher, student=student, data_dir=quickstart_data(base.data_dir),

@@ -9,8 +9,13 @@ mismatch problem in knowledge distillation from the view of soft labels" (PESF-K
 - ``sharpness_gap``    logsumexp(teacher) - logsumexp(student) per row (eq. 3)
 - ``label_adjust``     swap the argmax logit with the label's logit where they differ (sec. 3.1)
 - ``distill_terms``    every logit-level loss term of a teacher/student pair in one call
+- ``distill_loss``     a weighted sum of those terms, gradients computed in the forward pass
 - ``ConsistencyMeter`` agreement, KL, probability loyalty, gap and linear CKA over a data set
 - ``Adapter``, ``LoRALinear``, ``ParallelAdapter``: the parameter-efficient teacher modules (sec. 3.2)
+
+For CUDA tensors ``distill_terms`` and ``distill_loss`` run one fused Triton kernel per direction (one
+read of both logit matrices forward, one read and one write of each backward); elsewhere, or with
+``backend="torch"``, the PyTorch path below computes the same values.
 """
 from __future__ import annotations
 

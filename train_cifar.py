@@ -205,6 +205,8 @@ def make_optimizer(distiller, cfg: CifarConfig) -> torch.optim.Optimizer:
 def resolve(cfg: CifarConfig, dist: engine.Dist) -> tuple[CifarConfig, torch.dtype | None]:
     cuda = dist.device.type == "cuda"
     amp, amp_dtype = engine.resolve_amp(cfg.amp, dist.device)
+    if cfg.cuda_graph and (not cuda or dist.world > 1):
+        raise engine.ConfigError("cuda_graph needs one process on a CUDA device (DDP's all-reduce is not captured)")
     out = run_folder(cfg)
     cfg = dataclasses.replace(
         cfg, amp=amp, out=out,

@@ -128,13 +128,15 @@ def parse_config(cls, parser: argparse.ArgumentParser, argv=None, actions: tuple
 
 def cli(body) -> int:
     """Run ``body()``; bad input of any kind is one line on stderr and exit status 2, never a traceback."""
+    finished = False
     try:
         body()
+        finished = True
     except (ValueError, FileNotFoundError, NonFiniteLoss) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     finally:
-        shutdown_distributed()
+        shutdown_distributed(synchronize=finished)
     return 0
 
 
@@ -197,8 +199,13 @@ def resolve_amp(amp: str, device: torch.device) -> tuple[str, torch.dtype | None
     return amp, (torch.bfloat16 if amp == "bf16" else None)
 
 
-def shutdown_distributed() -> None:
+def shutdown_distributed(synchronize: bool = True) -> None:
+    """Tear the process group down. ``synchronize`` first waits for every rank: a gloo rank that closes
+    its connections while rank 0 is still writing results can abort the peer (SIGABRT). After an error
+    there is no barrier, since the other ranks may never reach it."""
     if dist.is_available() and dist.is_initialized():
+        if synchronize:
+            dist.barrier()
         dist.destroy_process_group()
 
 

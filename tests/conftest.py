@@ -1,6 +1,7 @@
 """Shared test fixtures: the real data in ../shared/data (skipped with a reason when absent)."""
 import os
 import pickle
+import subprocess
 import sys
 from pathlib import Path
 
@@ -53,3 +54,13 @@ def teacher_ckpt(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
     torch.save({"model": models.build_model("resnet8", 100).state_dict()}, path)
     return path
+
+
+def torchrun(args: list[str], nproc: int = 2, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """Run ``torchrun --standalone`` (it picks a free port itself) on CPU; on failure show the ranks' stderr."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                           *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"torchrun exited {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}" \
+                                 f"\n--- stderr\n{proc.stderr[-6000:]}"
+    return proc

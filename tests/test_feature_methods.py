@@ -1,15 +1,13 @@
 """distillers/feature.py: every loss against an independent float64 formula, every method end to end through
 train_cifar.run on a fake CIFAR pickle, CRD's memory bank across --resume and across two DDP ranks."""
 import math
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
+
+from conftest import torchrun
 
 import engine
 import models
@@ -350,21 +348,13 @@ sys.exit(code)
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_crd_bank_identical_on_two_ddp_ranks(fake_cifar, teacher_ckpt, tmp_path):
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER.format(root=str(ROOT), out=str(tmp_path)))
     args = ["--method", "crd", "--teacher", "resnet8", "--student", "resnet8", "--teacher-ckpt", str(teacher_ckpt),
             "--data-dir", str(fake_cifar), "--epochs", "1", "--batch-size", "32", "--limit-batches", "2",
             "--device", "cpu", "--out", str(tmp_path / "two")]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
-                    str(free_port()), str(worker), *args], cwd=ROOT, env=env, check=True, capture_output=True)
+    torchrun([str(worker), *args])
     rank0, rank1 = (torch.load(tmp_path / f"bank_rank{r}.pt", weights_only=True) for r in (0, 1))
     ckpt = torch.load(tmp_path / "two" / "last.pt", weights_only=True)["distiller"]["feature_term"]
     for name in ("memory_s", "memory_t", "z"):

@@ -430,6 +430,7 @@ def _gloo_worker(rank: int, world: int, port: int, data: dict[str, torch.Tensor]
             _feed(meter, data, slice(12, 30), [6, 6, 6])
         first, second = meter.compute(), meter.compute()
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps([first, second]))
+        dist.barrier()  # no rank closes its connections while the other may still use them
     finally:
         dist.destroy_process_group()
 

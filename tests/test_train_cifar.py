@@ -1,7 +1,6 @@
 """train_cifar.py end to end on CPU: data, every method, teacher updates, resume, errors, DDP."""
 import hashlib
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+from conftest import torchrun
 
 import engine
 import models
@@ -203,12 +204,6 @@ def test_quickstart_cpu_mode_reduced(fake_cifar, tmp_path, capsys):
     assert "| resnet8 pesf |" in out and "| resnet8 kd |" in out
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ddp_two_processes_match_one(fake_cifar, teacher_ckpt, tmp_path):
     """Same global batch: the ranks agree exactly, and the update matches one process's."""
     common = ["train_cifar.py", "--method", "pesf", "--teacher", "resnet8", "--student", "resnet8",
@@ -217,9 +212,7 @@ def test_ddp_two_processes_match_one(fake_cifar, teacher_ckpt, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, *common, "--out", str(tmp_path / "one")], cwd=ROOT, env=env, check=True,
                    capture_output=True)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
-                    str(free_port()), *common, "--out", str(tmp_path / "two")], cwd=ROOT, env=env, check=True,
-                   capture_output=True)
+    torchrun([*common, "--out", str(tmp_path / "two")])
     torch.manual_seed(0)   # the script seeds with --seed 0 before building the student
     init = models.build_model("resnet8", 100).state_dict()
     one = torch.load(tmp_path / "one" / "last.pt", weights_only=False)["model"]

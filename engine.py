@@ -466,8 +466,8 @@ def _autocast(device: torch.device, amp_dtype: torch.dtype | None):
 
 @torch.no_grad()
 def evaluate(distiller, batches, amp_dtype: torch.dtype | None, device: torch.device) -> dict[str, float]:
-    """``top1`` (and ``f1`` of class 1 for two-class tasks) of the student, the teacher's, and the
-    consistency metrics of SPEC sec. 1 between them, over every batch of ``batches``."""
+    """``top1`` (for two-class tasks also ``f1`` of class 1 and ``mcc``, Matthews' correlation) of the
+    student, the teacher's, and the consistency metrics of SPEC sec. 1 between them, over ``batches``."""
     import kd_core
     distiller.eval()
     student = unwrap(distiller.student)
@@ -500,6 +500,11 @@ def evaluate(distiller, batches, amp_dtype: torch.dtype | None, device: torch.de
         out = {f"{prefix}top1": 100.0 * ok / rows}
         if two_class:
             out[f"{prefix}f1"] = 100.0 * 2 * tp / max(pp + ap, 1.0)
+            # From the 2x2 confusion table; 0 when a row or column of it is empty (sklearn's convention).
+            fp, fn = pp - tp, ap - tp
+            tn = rows - tp - fp - fn
+            denom = math.sqrt(pp * ap * (tn + fp) * (tn + fn))
+            out[f"{prefix}mcc"] = 100.0 * (tp * tn - fp * fn) / denom if denom > 0 else 0.0
         return out
 
     out = scores("", *c[1:5])
@@ -513,8 +518,8 @@ def evaluate(distiller, batches, amp_dtype: torch.dtype | None, device: torch.de
 # fit: train, evaluate, checkpoint, resume; the loop every script shares
 # ----------------------------------------------------------------------------------------------
 RESUME_MAY_CHANGE = {"epochs", "log_every", "eval_every", "device", "data_dir", "download", "eval_batch_size"}
-SUMMARY_KEYS = ("top1", "f1", "teacher_top1", "teacher_f1", "kl", "gap", "agreement", "pl", "cka_logits",
-                "cka_features", "batch_time_ms")
+SUMMARY_KEYS = ("top1", "f1", "mcc", "teacher_top1", "teacher_f1", "teacher_mcc", "kl", "gap", "agreement", "pl",
+                "cka_logits", "cka_features", "batch_time_ms")
 
 
 def check_finite(sums: torch.Tensor, names: list[str], epoch: int, step: int) -> None:

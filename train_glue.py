@@ -101,9 +101,8 @@ TASKS: dict[str, GlueTask] = {
     "mnli-mm": GlueTask("MNLI", ("sentence1", "sentence2"), "gold_label", _MNLI, dev="dev_mismatched.tsv"),
     "qnli": GlueTask("QNLI", ("question", "sentence"), "label", _NLI),
     "mrpc": GlueTask("MRPC", ("#1 String", "#2 String"), "Quality", ("0", "1"), metric="f1"),
-    # CoLA has no header: source, label, original annotation, sentence. Its official metric (Matthews
-    # correlation) is not computed; accuracy and F1 are.
-    "cola": GlueTask("CoLA", (3,), 1, ("0", "1"), header=False),
+    # CoLA has no header: source, label, original annotation, sentence.
+    "cola": GlueTask("CoLA", (3,), 1, ("0", "1"), header=False, metric="mcc"),
     "wnli": GlueTask("WNLI", ("sentence1", "sentence2"), "label", ("0", "1")),
 }
 

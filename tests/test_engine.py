@@ -2,6 +2,7 @@
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -83,6 +84,27 @@ def test_evaluate_accuracy_f1_and_consistency_by_hand():
     assert out["agreement"] == pytest.approx(60.0)
     lse = lambda z: torch.logsumexp(z.double(), 1)
     assert out["gap"] == pytest.approx(float((lse(t) - lse(s)).mean()), rel=1e-6)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_evaluate_mcc_is_the_pearson_correlation_of_predictions_and_labels(seed):
+    g = torch.Generator().manual_seed(seed)
+    n = 37
+    y = torch.randint(0, 2, (n,), generator=g)
+    s = torch.randn(n, 2, generator=g) + 1.5 * seed / 5 * nn.functional.one_hot(y, 2)
+    out = engine.evaluate(Pair(FixedNet(s), FixedNet(s.flip(1))), ListBatches(y, 8), None, torch.device("cpu"))
+    pred = s.argmax(1).numpy().astype(float)
+    expected = 100 * np.corrcoef(pred, y.numpy().astype(float))[0, 1]
+    assert out["mcc"] == pytest.approx(expected, rel=1e-9, abs=1e-9)
+    assert out["teacher_mcc"] == pytest.approx(-expected, rel=1e-9, abs=1e-9)   # flipped logits: flipped predictions
+
+
+def test_evaluate_mcc_is_zero_when_one_class_is_never_predicted():
+    y = torch.tensor([1, 0, 1, 0])
+    always_one = torch.tensor([[0., 1]] * 4)
+    out = engine.evaluate(Pair(FixedNet(always_one), FixedNet(always_one)), ListBatches(y, 2), None,
+                          torch.device("cpu"))
+    assert out["mcc"] == 0.0 and out["top1"] == pytest.approx(50.0)
 
 
 def test_save_atomic_keeps_the_old_file_when_writing_fails(tmp_path):

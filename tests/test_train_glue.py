@@ -247,6 +247,17 @@ def test_qqp_fine_tunes_a_teacher_folder_and_reports_f1(minilm, tmp_path):
     assert len(BertForSequenceClassification.from_pretrained(tmp_path / "qqp" / "student").bert.encoder.layer) == 6
 
 
+def test_cola_reports_matthews_correlation(minilm, tmp_path):
+    rows = [[f"src{i}", str(i % 2), "" if i % 2 else "*", f"The {i} dogs barks loudly."] for i in range(24)]
+    write_tsv(tmp_path / "glue" / "CoLA" / "train.tsv", rows)
+    write_tsv(tmp_path / "glue" / "CoLA" / "dev.tsv", rows[:17])
+    cfg = GlueConfig(task="CoLA", method="ce", student=str(minilm), data_dir=str(tmp_path / "glue"),
+                     out=str(tmp_path / "cola"), **{**SMALL, "limit_batches": 1})
+    with pytest.warns(UserWarning, match="classifier"):
+        summary = train_glue.run(cfg)
+    assert summary["metric"] == "mcc" and summary["score"] == summary["mcc"] and -100 <= summary["mcc"] <= 100
+
+
 def test_every_glue_config_builds_and_points_at_its_teachers_output():
     root = Path(__file__).resolve().parents[1] / "configs" / "glue"
     files = sorted(root.glob("*/*.yaml"))

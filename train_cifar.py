@@ -194,9 +194,8 @@ def build_models(cfg: CifarConfig, log: engine.RunLog) -> tuple[nn.Module, nn.Mo
     return student, teacher
 
 
-def make_optimizer(distiller, cfg: CifarConfig) -> torch.optim.Optimizer:
-    return torch.optim.SGD(engine.param_groups(distiller), lr=cfg.lr, momentum=cfg.momentum,
-                           weight_decay=cfg.weight_decay)
+def sgd(params, lr: float, cfg: CifarConfig) -> torch.optim.SGD:
+    return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -254,8 +253,8 @@ def run(cfg: CifarConfig, resume: bool = False) -> dict:
     if cfg.channels_last:
         distiller.to(memory_format=torch.channels_last)
     if not resume and not cfg.benchmark_steps:   # checkpoints come after the stage: a resumed run is past it
-        run_init_stage(distiller, train, cfg.momentum, cfg.weight_decay, amp_dtype, log.print)
-    optimizer = make_optimizer(distiller, cfg)
+        run_init_stage(distiller, train, lambda params, lr: sgd(params, lr, cfg), amp_dtype, log.print)
+    optimizer = sgd(engine.param_groups(distiller), cfg.lr, cfg)
     if cfg.benchmark_steps:
         return engine.benchmark(cfg, dist, distiller, optimizer, train, amp_dtype, log)
     summary = engine.fit(cfg, dist, distiller, optimizer, train, test, amp_dtype, log, resume=resume)

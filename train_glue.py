@@ -4,6 +4,7 @@ a 6-layer student initialised from teacher layers {0, 2, 4, 6, 8, 10}, the same 
     python train_glue.py --config configs/glue/rte/teacher.yaml          # fine-tune the teacher (ce)
     python train_glue.py --config configs/glue/rte/pesf.yaml --seed 1    # a student
     python train_glue.py --task qqp --method pesf+pkd --teacher runs/glue/qqp/ce_bert-base-uncased_s0/student
+    python train_glue.py --config configs/glue/rte/tinybert.yaml         # intermediate step, then prediction
     torchrun --nproc_per_node=2 train_glue.py --config configs/glue/sst2/kd.yaml
 
 Reads top to bottom: parse config -> read and tokenise the GLUE TSVs once -> build models -> build method
@@ -25,6 +26,7 @@ import torch
 
 import engine
 from distillers import DistillConfig, build_distiller, needs_teacher
+from distillers.feature import run_init_stage
 from models.bert import BertForSequenceClassification, load_tokenizer, student_from_teacher
 
 
@@ -58,7 +60,7 @@ class GlueConfig:
     adapter_slot: str = "head"              # head (pooled [CLS] feature) | layers (Houlsby, every layer)
     bottleneck: int = 32
     feat_weight: float | None = None        # beta of a feature term; None: its default (pkd: 100)
-    init_epochs: int | None = None          # initialisation stage of the CNN feature terms; unused on GLUE
+    init_epochs: int | None = None          # tinybert's intermediate-layer step; None: 10 epochs
     train_subset: int = 0                   # use only the first N training rows (0: all)
     seed: int = 0
     device: str = "auto"
@@ -267,18 +269,13 @@ def build_models(cfg: GlueConfig, num_classes: int,
     return student, teacher if needs_teacher(cfg.method) else None
 
 
-def adamw(distiller, cfg: GlueConfig) -> torch.optim.AdamW:
-    """AdamW over the distiller's groups, each split in two with the same name and lr: no weight decay on
-    biases and LayerNorm weights (BERT's recipe; the names are Hugging Face's)."""
-    names = {p: n for n, p in distiller.named_parameters()}
-    groups = []
-    for group in engine.param_groups(distiller):
-        decay, no_decay = [], []
-        for p in group["params"]:
-            (no_decay if names[p].endswith(".bias") or "LayerNorm.weight" in names[p] else decay).append(p)
-        groups += [{**group, "params": params, "weight_decay": wd}
-                   for params, wd in ((decay, cfg.weight_decay), (no_decay, 0.0)) if params]
-    return torch.optim.AdamW(groups, lr=cfg.lr)
+def adamw(groups: list[dict], lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW with each group split in two (same name and lr): no weight decay on biases and LayerNorm
+    weights, BERT's recipe. In BERT (and its adapters) those are exactly the 1-D parameters."""
+    split = [{**group, "params": params, "weight_decay": wd} for group in groups
+             for params, wd in (([p for p in group["params"] if p.ndim > 1], weight_decay),
+                                ([p for p in group["params"] if p.ndim <= 1], 0.0)) if params]
+    return torch.optim.AdamW(split, lr=lr)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -339,7 +336,10 @@ def run(cfg: GlueConfig, resume: bool = False) -> dict:
     distiller = build_distiller(cfg.method, student, teacher, DistillConfig.from_run_config(cfg),
                                 num_train=len(train.labels))
     distiller.to(dist.device)
-    optimizer = adamw(distiller, cfg)
+    if not resume and not cfg.benchmark_steps:   # tinybert's intermediate-layer step; checkpoints come after it
+        run_init_stage(distiller, train, lambda params, lr: adamw([{"params": params}], lr, cfg.weight_decay),
+                       amp_dtype, log.print)
+    optimizer = adamw(engine.param_groups(distiller), cfg.lr, cfg.weight_decay)
     if cfg.benchmark_steps:
         return engine.benchmark(cfg, dist, distiller, optimizer, train, amp_dtype, log)
     summary = engine.fit(cfg, dist, distiller, optimizer, train, dev, amp_dtype, log, resume=resume)

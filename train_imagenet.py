@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 import engine
 import models
 from distillers import DistillConfig, build_distiller, needs_teacher
+from distillers.feature import run_init_stage
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -225,8 +226,13 @@ def run(cfg: ImagenetConfig, resume: bool = False) -> dict:
     distiller.to(dist.device)
     if cfg.channels_last:
         distiller.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(engine.param_groups(distiller), lr=cfg.lr, momentum=cfg.momentum,
-                                weight_decay=cfg.weight_decay)
+
+    def sgd(params, lr: float) -> torch.optim.SGD:
+        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+    if not resume and not cfg.benchmark_steps:   # checkpoints come after the stage: a resumed run is past it
+        run_init_stage(distiller, train, sgd, amp_dtype, log.print)
+    optimizer = sgd(engine.param_groups(distiller), cfg.lr)
 
     # Train and evaluate
     if cfg.benchmark_steps:

@@ -86,10 +86,6 @@ def conv_regressor(s_shape: torch.Size, t_shape: torch.Size, relu: bool = True) 
     return nn.Sequential(conv, nn.BatchNorm2d(t_c), *([nn.ReLU()] if relu else []))
 
 
-def _zeros_like_loss(feats: Feats) -> torch.Tensor:
-    return _fp32(feats["pooled"]).new_zeros(())
-
-
 def _is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
@@ -453,10 +449,11 @@ class FitNet(StagedTerm):
 class ActivationBoundaries(StagedTerm):
     """AB (Heo et al., AAAI 2019): in the initialisation stage, ``sum_l 2^(l-L+1) sum [(c(s)+1)^2 1(c(s) > -1,
     t <= 0) + (c(s)-1)^2 1(c(s) <= 1, t > 0)] * 3 / (1000 N)`` on pre-activation stages 1.., ``c`` a
-    connector (conv + BN, discarded afterwards). As in RepDistiller the main stage adds nothing (loss 0).
+    connector (conv + BN, discarded afterwards). As in RepDistiller the main stage adds nothing.
     """
 
     default_weight = 1.0
+    main_stage = False
 
     def __init__(self, s_shapes: list[torch.Size], t_shapes: list[torch.Size]) -> None:
         super().__init__()
@@ -467,9 +464,6 @@ class ActivationBoundaries(StagedTerm):
         s, t = dry_features(student), dry_features(teacher)
         pairs = list(zip(s["preact_stages"][1:], t["preact_stages"][1:]))
         return cls([a.shape for a, _ in pairs], [b.shape for _, b in pairs])
-
-    def forward(self, s_feats, t_feats, y, index):
-        return _zeros_like_loss(s_feats)
 
     def init_stage(self, student):
         # The connector only serves the stage; a fresh one (not part of the term's state) keeps the main
@@ -546,10 +540,11 @@ class FactorTransfer(StagedTerm):
 class FSP(StagedTerm):
     """FSP (Yim et al., CVPR 2017): in the initialisation stage, ``sum_l mean (G_l(s) - G_l(t))^2`` with
     ``G_l = F_l^T F_(l+1) / (h w)`` the flow matrix of consecutive stage outputs (stem included). As in
-    RepDistiller the main stage adds nothing (loss 0). Needs equal channel counts stage by stage.
+    RepDistiller the main stage adds nothing. Needs equal channel counts stage by stage.
     """
 
     default_weight = 50.0
+    main_stage = False
 
     @classmethod
     def from_models(cls, student, teacher, cfg, num_train):
@@ -558,9 +553,6 @@ class FSP(StagedTerm):
         if any(a != b for a, b in zip(s_c, t_c)):
             raise ValueError(f"FSP needs equal channels stage by stage; student {s_c}, teacher {t_c}")
         return cls()
-
-    def forward(self, s_feats, t_feats, y, index):
-        return _zeros_like_loss(s_feats)
 
     def init_stage(self, student):
         return InitStage([student], lambda s, t: fsp_loss(s["stages"], t["stages"]))
@@ -605,11 +597,13 @@ def _average_gradients(params: list[nn.Parameter]) -> None:
                 p.grad /= dist.get_world_size()
 
 
-def run_init_stage(distiller: nn.Module, batches, momentum: float, weight_decay: float,
+def run_init_stage(distiller: nn.Module, batches,
+                   make_optimizer: Callable[[list[nn.Parameter], float], torch.optim.Optimizer],
                    amp_dtype: torch.dtype | None = None, log: Callable[[str], None] = print) -> int:
     """Train the feature term's initialisation modules for ``distiller.cfg.init_epochs`` epochs (None:
-    the method's default) with SGD at constant lr (RepDistiller ``helper/pretrain.py``); teacher frozen.
+    the method's default) at constant lr (RepDistiller ``helper/pretrain.py``); teacher frozen.
 
+    ``make_optimizer(params, lr)`` is the script's optimiser (SGD for the CNNs, AdamW for BERT).
     ``batches.epoch(e)`` yields ``(x, y, index)``. Returns the number of epochs run (0: no stage).
     """
     term = getattr(distiller, "feature_term", None)
@@ -619,7 +613,7 @@ def run_init_stage(distiller: nn.Module, batches, momentum: float, weight_decay:
     stage = term.init_stage(distiller.student)
     params = list({id(p): p for m in stage.modules for p in m.parameters()}.values())
     lr = distiller.cfg.lr if stage.lr is None else stage.lr
-    optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    optimizer = make_optimizer(params, lr)
     device = batches.device
     distiller.train()
     for m in stage.modules:

@@ -22,6 +22,7 @@ class FeatureTerm(nn.Module):
     """
 
     default_weight = 1.0
+    main_stage = True   # False: the term acts only through its initialisation stage (no loss, no features)
 
     def forward(self, s_feats: dict, t_feats: dict, y: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
@@ -46,9 +47,15 @@ class _WithFeatureTerm(Distiller):
         has_params = self.feature_term is not None and any(True for _ in self.feature_term.parameters())
         return {"feature_term": self.feature_term} if has_params else {}
 
+    def _term(self) -> FeatureTerm | None:
+        """The feature term when it adds a loss to this stage (under DDP, the wrapped module)."""
+        term = self.feature_term
+        term = term.module if isinstance(term, nn.parallel.DistributedDataParallel) else term
+        return term if term is not None and term.main_stage else None
+
     def _students_and_teachers(self, x, teacher_grad: bool):
         """Both forwards; features only when a feature term needs them."""
-        want = self.feature_term is not None
+        want = self._term() is not None
         with torch.set_grad_enabled(teacher_grad and torch.is_grad_enabled()):
             t_out = self.teacher(x, features=want) if want else self.teacher(x)
         s_out = self.student(x, features=want) if want else self.student(x)
@@ -57,11 +64,10 @@ class _WithFeatureTerm(Distiller):
         return s_out, t_out, None, None
 
     def _add_feature_term(self, losses: dict, s_feats, t_feats, y, index) -> None:
-        if self.feature_term is None:
+        term = self._term()
+        if term is None:
             return
         t_feats = {k: _detach(v) for k, v in t_feats.items()}
-        term = self.feature_term   # under DDP the term's attributes live on the wrapped module
-        term = term.module if isinstance(term, nn.parallel.DistributedDataParallel) else term
         beta = self.cfg.feat_weight if self.cfg.feat_weight is not None else term.default_weight
         losses["feat"] = beta * self.feature_term(s_feats, t_feats, y, index)
 

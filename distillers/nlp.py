@@ -1,4 +1,4 @@
-"""NLP feature terms (SPEC sec. 2): ``pkd``, the extra ``beta * L_PT`` of ``kd+pkd`` / ``pesf+pkd`` on BERT.
+"""NLP feature terms (SPEC sec. 2) on BERT: ``pkd`` and ``tinybert``, each also as ``pesf+NAME``.
 
 Patient KD (Sun et al. 2019, PKD-Skip), as in the authors' code and in MetaDistil's (Zhou et al. 2022,
 ``nlp/distillation_meta.py``), which the PESF-KD paper follows for GLUE: the [CLS] vectors of the
@@ -8,6 +8,14 @@ out: its [CLS] vector feeds the prediction layer, which the KD term already matc
 (1-based, ``k = 1 .. M-1``) is mapped to teacher layer ``k * (N // M)`` (12 -> 6: teacher layers 2, 4, 6,
 8, 10). ``beta = 100`` (Sun et al.; the paper's appendix A.3.1): the per-element mean is small, so beta
 is large.
+
+TinyBERT's task-specific distillation (Jiao et al. 2020, ``task_distill.py`` of the authors' code) has two
+steps: intermediate-layer distillation (attention scores, hidden states through a learned projection,
+embeddings; no prediction loss), then prediction-layer distillation. Here the first step is the term's
+initialisation stage (``init_epochs``, default 10 as in the authors' README) and the second is the run's
+logit objective: ``kd`` with ``alpha=1, tau=1`` is TinyBERT's soft cross-entropy (same gradient), and
+``pesf+tinybert`` puts PESF-KD's teacher update on that second step. The projection only serves the
+first step, so it is built there and dropped afterwards.
 """
 from __future__ import annotations
 
@@ -18,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .base import DistillConfig
+from .feature import InitStage, StagedTerm, _fp32
 from .logit import FeatureTerm
 
 
@@ -38,8 +47,7 @@ def pkd_loss(s_hidden: list[torch.Tensor], t_hidden: list[torch.Tensor],
     """Mean squared error of the L2-normalised [CLS] vectors of the paired layers (at least float32)."""
     s = torch.stack([s_hidden[i][:, 0] for i, _ in pairs], dim=1)
     t = torch.stack([t_hidden[j][:, 0] for _, j in pairs], dim=1)
-    dtype = torch.promote_types(s.dtype, torch.float32)   # bf16 under autocast: normalise in fp32
-    return F.mse_loss(F.normalize(s.to(dtype), dim=-1), F.normalize(t.to(dtype), dim=-1))
+    return F.mse_loss(F.normalize(_fp32(s), dim=-1), F.normalize(_fp32(t), dim=-1))
 
 
 class PKD(FeatureTerm):
@@ -62,5 +70,63 @@ def _pkd(student: nn.Module, teacher: nn.Module, cfg: DistillConfig, num_train: 
     return PKD(student, teacher)
 
 
+def tinybert_layer_map(student_layers: int, teacher_layers: int) -> tuple[list[tuple[int, int]],
+                                                                         list[tuple[int, int]]]:
+    """TinyBERT's uniform map with ``step = N / M``: hidden states ``(m, m * step)`` for ``m = 0 .. M``
+    (0 = embeddings), attentions of layer ``m`` to teacher layer ``m * step``; as indices into the
+    ``hidden_states`` and ``attentions`` lists."""
+    if teacher_layers % student_layers:
+        raise ValueError(f"tinybert maps layers uniformly: the teacher's {teacher_layers} layers must be a multiple "
+                         f"of the student's {student_layers}")
+    step = teacher_layers // student_layers
+    hidden = [(m, m * step) for m in range(student_layers + 1)]
+    attention = [(m - 1, m * step - 1) for m in range(1, student_layers + 1)]
+    return hidden, attention
+
+
+def tinybert_loss(s_feats: dict, t_feats: dict, projection: nn.Module,
+                  pairs: tuple[list[tuple[int, int]], list[tuple[int, int]]]) -> torch.Tensor:
+    """``sum_m MSE(A_s^m, A_t^g(m)) + sum_m MSE(H_s^m W, H_t^g(m))`` (embeddings included), in float32.
+
+    ``A`` are the attention scores before the softmax; as in the authors' code, those of padded keys are
+    set to 0 in both networks (they still count in the mean), and every position's hidden state counts.
+    """
+    hidden, attention = pairs
+    keep = s_feats["attention_mask"][:, None, None, :].bool()
+    att = sum(F.mse_loss(torch.where(keep, _fp32(s_feats["attentions"][i]), 0.0),
+                         torch.where(keep, _fp32(t_feats["attentions"][j]), 0.0)) for i, j in attention)
+    rep = sum(F.mse_loss(projection(_fp32(s_feats["hidden_states"][i])), _fp32(t_feats["hidden_states"][j]))
+              for i, j in hidden)
+    return att + rep
+
+
+class TinyBERT(StagedTerm):
+    default_init_epochs = 10
+    main_stage = False   # the prediction-layer step is the run's logit loss
+
+    def __init__(self, student: nn.Module, teacher: nn.Module) -> None:
+        super().__init__()
+        s_cfg, t_cfg = student.config, teacher.config
+        if s_cfg.num_attention_heads != t_cfg.num_attention_heads:
+            raise ValueError(f"tinybert compares attention scores head by head: the student has "
+                             f"{s_cfg.num_attention_heads} heads, the teacher {t_cfg.num_attention_heads}")
+        self.widths = (s_cfg.hidden_size, t_cfg.hidden_size)
+        self.pairs = tinybert_layer_map(s_cfg.num_hidden_layers, t_cfg.num_hidden_layers)
+
+    def init_stage(self, student: nn.Module) -> InitStage:
+        param = next(student.parameters())
+        projection = nn.Linear(*self.widths).to(param.device)
+
+        def loss(s_feats: dict, t_feats: dict) -> torch.Tensor:
+            with torch.autocast(param.device.type, enabled=False):
+                return tinybert_loss(s_feats, t_feats, projection, self.pairs)
+
+        return InitStage([student, projection], loss)
+
+
+def _tinybert(student: nn.Module, teacher: nn.Module, cfg: DistillConfig, num_train: int) -> TinyBERT:
+    return TinyBERT(student, teacher)
+
+
 # name -> factory(student, teacher, cfg, num_train), merged into distillers.FEATURE_TERMS.
-FACTORIES: dict[str, Callable[..., FeatureTerm]] = {"pkd": _pkd}
+FACTORIES: dict[str, Callable[..., FeatureTerm]] = {"pkd": _pkd, "tinybert": _tinybert}

@@ -136,7 +136,8 @@ class BertModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, features: bool = False,
                 sites: Sequence[Mapping[str, nn.Module]] | None = None) -> dict:
-        """Returns ``pooled`` and ``last``; with ``features`` also ``hidden_states`` and ``attentions``."""
+        """Returns ``pooled`` and ``last``; with ``features`` also ``hidden_states``, ``attentions`` and the
+        ``attention_mask`` (1 = token, 0 = padding)."""
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         x = self.embeddings(input_ids, token_type_ids)
@@ -150,7 +151,7 @@ class BertModel(nn.Module):
             attentions.append(raw)
         out = {"last": x, "pooled": torch.tanh(self.pooler.dense(x[:, 0]))}
         if features:
-            out.update(hidden_states=hidden, attentions=attentions)
+            out.update(hidden_states=hidden, attentions=attentions, attention_mask=attention_mask)
         return out
 
 
@@ -207,7 +208,7 @@ class BertForSequenceClassification(Adaptable):
         pooled, logits = self._head(out["pooled"], self.classifier, self.dropout)
         if not features:
             return logits
-        return logits, {"pooled": pooled, "hidden_states": out["hidden_states"], "attentions": out["attentions"]}
+        return logits, {"pooled": pooled, **{k: out[k] for k in ("hidden_states", "attentions", "attention_mask")}}
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, num_classes: int | None = None, adapter: str | None = None,

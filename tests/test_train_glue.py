@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 import engine
 import train_glue
 from distillers import FEATURE_TERMS, build_distiller, DistillConfig
-from distillers.nlp import PKD, pkd_layer_map
+from distillers.feature import init_epochs_of
+from distillers.nlp import PKD, TinyBERT, pkd_layer_map, tinybert_layer_map
 from models.bert import BertForSequenceClassification, load_tokenizer
 from models.common import is_adapter_key
 from train_glue import GlueConfig
@@ -146,7 +147,7 @@ def test_student_uses_only_existing_teacher_layers_and_adamw_skips_norms_and_bia
     assert len(student.bert.encoder.layer) == 3          # [0, 2, 4, 6, 8, 10] of a 6-layer teacher
     assert torch.equal(student.bert.encoder.layer[2].output.dense.weight, teacher.bert.encoder.layer[4].output.dense.weight)
     distiller = build_distiller("pesf", student, teacher, DistillConfig.from_run_config(cfg))
-    opt = train_glue.adamw(distiller, cfg)
+    opt = train_glue.adamw(engine.param_groups(distiller), cfg.lr, cfg.weight_decay)
     names = {p: n for n, p in distiller.named_parameters()}
     for g in opt.param_groups:
         assert g["lr"] == {"student": 3e-5, "adapters": 1e-3}[g["name"]]
@@ -192,15 +193,66 @@ def test_pkd_matches_an_independent_float64_formula():
         PKD(student, BertForSequenceClassification({**small, "hidden_size": 12, "num_hidden_layers": 6}))
 
 
+def test_tinybert_matches_an_independent_float64_formula():
+    assert tinybert_layer_map(6, 12) == ([(m, 2 * m) for m in range(7)], [(m - 1, 2 * m - 1) for m in range(1, 7)])
+    small = dict(num_attention_heads=2, intermediate_size=16, vocab_size=50, max_position_embeddings=16)
+    student = BertForSequenceClassification({**small, "hidden_size": 4, "num_hidden_layers": 2})
+    teacher = BertForSequenceClassification({**small, "hidden_size": 6, "num_hidden_layers": 4})
+    term = FEATURE_TERMS["tinybert"](student, teacher, DistillConfig(), 0)
+    assert isinstance(term, TinyBERT) and not term.main_stage and init_epochs_of(term, None) == 10
+    torch.manual_seed(0)
+    stage = term.init_stage(student)
+    projection = stage.modules[1].double()
+    assert stage.modules[0] is student and isinstance(projection, torch.nn.Linear) and projection.weight.shape == (6, 4)
+    n, heads, length = 3, 2, 5
+    gen = torch.Generator().manual_seed(1)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 0, 0, 0]])
+    feats = lambda layers, width: {   # noqa: E731
+        "hidden_states": [torch.randn(n, length, width, generator=gen, dtype=torch.float64) for _ in range(layers + 1)],
+        "attentions": [torch.randn(n, heads, length, length, generator=gen, dtype=torch.float64) for _ in range(layers)],
+        "attention_mask": mask}
+    s, t = feats(2, 4), feats(4, 6)
+    loss = stage.loss(s, t)
+
+    w, b = projection.weight.tolist(), projection.bias.tolist()
+    expected = 0.0
+    for i, j in ((0, 1), (1, 3)):          # student layer m <-> teacher layer 2m: attentions of layers 1, 2
+        total = 0.0
+        for a in range(n):
+            for h in range(heads):
+                for q in range(length):
+                    for k in range(length):
+                        if mask[a, k]:     # padded keys are zeroed in both networks but still counted
+                            total += (s["attentions"][i][a, h, q, k].item() - t["attentions"][j][a, h, q, k].item()) ** 2
+        expected += total / (n * heads * length * length)
+    for i, j in ((0, 0), (1, 2), (2, 4)):  # embeddings and hidden states, through the projection
+        total = 0.0
+        for a in range(n):
+            for q in range(length):
+                x = s["hidden_states"][i][a, q].tolist()
+                for o in range(6):
+                    proj = sum(w[o][c] * x[c] for c in range(4)) + b[o]
+                    total += (proj - t["hidden_states"][j][a, q, o].item()) ** 2
+        expected += total / (n * length * 6)
+    assert loss.dtype == torch.float64 and loss.item() == pytest.approx(expected, rel=1e-12)
+
+    with pytest.raises(ValueError, match="multiple"):
+        TinyBERT(BertForSequenceClassification({**small, "hidden_size": 4, "num_hidden_layers": 3}), teacher)
+    with pytest.raises(ValueError, match="heads"):
+        TinyBERT(student, BertForSequenceClassification({**small, "hidden_size": 6, "num_hidden_layers": 4,
+                                                          "num_attention_heads": 3}))
+
+
 # ----------------------------------------------------------------------------------------------
 # End to end on real RTE
 # ----------------------------------------------------------------------------------------------
 METHODS = {"ce": {}, "kd": {}, "ftkd": {}, "pesf": {}, "pesf_layers_noadj": dict(adapter_slot="layers",
-           label_adjust=False), "dml": {}, "kdcl": {}, "pkd": {}, "pesf+pkd": {}}
+           label_adjust=False), "dml": {}, "kdcl": {}, "pkd": {}, "pesf+pkd": {}, "tinybert": dict(init_epochs=1),
+           "pesf+tinybert": dict(init_epochs=1)}
 
 
 @pytest.mark.parametrize("name", METHODS)
-def test_every_method_two_steps_on_real_rte(name, glue_dir, teacher_dir, tmp_path):
+def test_every_method_two_steps_on_real_rte(name, glue_dir, teacher_dir, tmp_path, capsys):
     method = name.split("_")[0]
     cfg = GlueConfig(task="rte", method=method, teacher=str(teacher_dir), data_dir=str(glue_dir),
                      out=str(tmp_path / name), **SMALL, **METHODS[name])
@@ -211,6 +263,7 @@ def test_every_method_two_steps_on_real_rte(name, glue_dir, teacher_dir, tmp_pat
     metrics = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     if "pkd" in method:
         assert metrics["train_feat"] > 0
+    assert ("init stage (TinyBERT) epoch 1/1" in capsys.readouterr().out) == ("tinybert" in method)
 
     # The saved student folder loads back and gives the logits of the checkpointed student.
     reloaded = BertForSequenceClassification.from_pretrained(out / "student").eval()
@@ -223,7 +276,7 @@ def test_every_method_two_steps_on_real_rte(name, glue_dir, teacher_dir, tmp_pat
 
     # Trained teachers are saved; PESF changes only the teacher's adapters.
     saved_teacher = out / "teacher" / "model.safetensors"
-    assert saved_teacher.is_file() == (method not in ("ce", "kd", "pkd"))
+    assert saved_teacher.is_file() == (method not in ("ce", "kd", "pkd", "tinybert"))
     if method.startswith("pesf"):
         before, after = load_file(teacher_dir / "model.safetensors"), load_file(saved_teacher)
         assert all(torch.equal(before[k], after[k]) for k in before)

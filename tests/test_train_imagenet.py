@@ -69,6 +69,14 @@ def test_methods_run_end_to_end(method, image_tree, teacher_ckpt, tmp_path):
     assert {"last.pt", "summary.json", "metrics.jsonl"} <= {p.name for p in (tmp_path / "run").iterdir()}
 
 
+def test_feature_method_runs_its_init_stage_first(image_tree, teacher_ckpt, tmp_path, capsys):
+    summary = train_imagenet.run(tiny(tmp_path, image_tree, method="fsp", init_epochs=1,
+                                      teacher_ckpt=str(teacher_ckpt)))
+    out = capsys.readouterr().out
+    assert "init stage (FSP) epoch 1/1" in out and out.index("init stage") < out.index("epoch 1 |")
+    assert 0 <= summary["top1"] <= 100
+
+
 def test_clear_errors(image_tree, tmp_path, capsys):
     base = ["--teacher", "resnet18", "--student", "resnet18", "--out", str(tmp_path / "r"), "--workers", "0",
             "--batch-size", "4"]

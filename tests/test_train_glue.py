@@ -286,29 +286,23 @@ def test_every_method_two_steps_on_real_rte(name, glue_dir, teacher_dir, tmp_pat
         assert all(k.startswith("adapters." if "layers" in name else "adapter.") for k in adapters)
 
 
-def test_qqp_fine_tunes_a_teacher_folder_and_reports_f1(minilm, tmp_path):
-    rows = [["id", "qid1", "qid2", "question1", "question2", "is_duplicate"]]
-    rows += [[str(i), str(2 * i), str(2 * i + 1), f"How do I learn topic {i}?", f"What is topic {i % 5}?", str(i % 2)]
-             for i in range(24)]
-    write_tsv(tmp_path / "glue" / "QQP" / "train.tsv", rows)
-    write_tsv(tmp_path / "glue" / "QQP" / "dev.tsv", rows[:17])
-    cfg = GlueConfig(task="QQP", method="ce", student=str(minilm), data_dir=str(tmp_path / "glue"),
-                     out=str(tmp_path / "qqp"), **{**SMALL, "limit_batches": 1})
-    with pytest.warns(UserWarning, match="classifier"):
-        summary = train_glue.run(cfg)
-    assert summary["metric"] == "f1" and summary["score"] == summary["f1"] and 0 <= summary["f1"] <= 100
-    assert len(BertForSequenceClassification.from_pretrained(tmp_path / "qqp" / "student").bert.encoder.layer) == 6
+QQP_ROWS = [["id", "qid1", "qid2", "question1", "question2", "is_duplicate"]] + \
+    [[str(i), str(2 * i), str(2 * i + 1), f"How do I learn topic {i}?", f"What is topic {i % 5}?", str(i % 2)]
+     for i in range(24)]
+COLA_ROWS = [[f"src{i}", str(i % 2), "" if i % 2 else "*", f"The {i} dogs barks loudly."] for i in range(24)]
 
 
-def test_cola_reports_matthews_correlation(minilm, tmp_path):
-    rows = [[f"src{i}", str(i % 2), "" if i % 2 else "*", f"The {i} dogs barks loudly."] for i in range(24)]
-    write_tsv(tmp_path / "glue" / "CoLA" / "train.tsv", rows)
-    write_tsv(tmp_path / "glue" / "CoLA" / "dev.tsv", rows[:17])
-    cfg = GlueConfig(task="CoLA", method="ce", student=str(minilm), data_dir=str(tmp_path / "glue"),
-                     out=str(tmp_path / "cola"), **{**SMALL, "limit_batches": 1})
+@pytest.mark.parametrize("task, rows, metric, dev_rows", [("QQP", QQP_ROWS, "f1", 17), ("CoLA", COLA_ROWS, "mcc", 16)])
+def test_fine_tunes_a_teacher_folder_and_reports_the_task_metric(task, rows, metric, dev_rows, minilm, tmp_path):
+    write_tsv(tmp_path / "glue" / task / "train.tsv", rows)
+    write_tsv(tmp_path / "glue" / task / "dev.tsv", rows[:dev_rows])   # QQP: header + 16 rows
+    cfg = GlueConfig(task=task, method="ce", student=str(minilm), data_dir=str(tmp_path / "glue"),
+                     out=str(tmp_path / "run"), **{**SMALL, "limit_batches": 1})
     with pytest.warns(UserWarning, match="classifier"):
         summary = train_glue.run(cfg)
-    assert summary["metric"] == "mcc" and summary["score"] == summary["mcc"] and -100 <= summary["mcc"] <= 100
+    assert summary["metric"] == metric and summary["score"] == summary[metric]
+    assert (0 if metric == "f1" else -100) <= summary[metric] <= 100
+    assert len(BertForSequenceClassification.from_pretrained(tmp_path / "run" / "student").bert.encoder.layer) == 6
 
 
 def test_every_glue_config_builds_and_points_at_its_teachers_output():

@@ -518,8 +518,9 @@ def evaluate(distiller, batches, amp_dtype: torch.dtype | None, device: torch.de
 # fit: train, evaluate, checkpoint, resume; the loop every script shares
 # ----------------------------------------------------------------------------------------------
 RESUME_MAY_CHANGE = {"epochs", "log_every", "eval_every", "device", "data_dir", "download", "eval_batch_size"}
-SUMMARY_KEYS = ("top1", "f1", "mcc", "teacher_top1", "teacher_f1", "teacher_mcc", "kl", "gap", "agreement", "pl",
-                "cka_logits", "cka_features", "batch_time_ms")
+# Always in summary.json (None where there is no teacher); the two-class scores only for two-class tasks.
+SUMMARY_KEYS = ("top1", "teacher_top1", "kl", "gap", "agreement", "pl", "cka_logits", "cka_features", "batch_time_ms")
+TWO_CLASS_KEYS = ("f1", "mcc", "teacher_f1", "teacher_mcc")
 
 
 def check_finite(sums: torch.Tensor, names: list[str], epoch: int, step: int) -> None:
@@ -621,7 +622,8 @@ def fit(cfg, dist_info: Dist, distiller, optimizer: torch.optim.Optimizer, train
             save_atomic(ckpt, last_path)
             if is_best:
                 save_atomic(ckpt, best_path)
-    return {**{k: metrics.get(k) for k in SUMMARY_KEYS}, "best_top1": best,
+    return {**{k: metrics.get(k) for k in SUMMARY_KEYS}, **{k: metrics[k] for k in TWO_CLASS_KEYS if k in metrics},
+            "best_top1": best,
             "teacher_top1_initial": history.get("teacher_top1_initial"), "updated_params": updated_params}
 
 

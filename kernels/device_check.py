@@ -1,0 +1,174 @@
+"""One call on a GPU machine: is the fused kernel right there, how fast is it, and does a training step
+meet the CIFAR targets. Prints one Markdown report last and writes it, with a log and JSON, under --out.
+
+    python3 kernels/device_check.py --out "$OUT" --budget 540      # an H100/H200 session, one device call
+
+Each step runs in its own process, with a time limit cut to what is left of ``--budget`` seconds, so a
+slow or hung step costs its own result and never the report:
+1. ``tests/test_triton_kernel.py`` with the kernel compiled for the GPU (no interpreter), against the
+   float64 reference;
+2. ``kernels/bench_kd.py --quick`` (the issue-3 small-shape targets);
+3. ``train_cifar.py --benchmark-steps`` for kd, pesf and dml (resnet56 -> resnet20, batch 64), eager and
+   with the whole step in a CUDA graph (issue 5: pesf <= 3.5 ms, pesf/kd <= 1.10, dml/kd about 2.3);
+4. ``kernels/bench_kd.py`` on the large shapes, with the time that is left.
+On a CPU (``--device cpu``) the same steps run small: that is how CI checks this script.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ("kd", "pesf", "dml")
+STEPS_PER_EPOCH = 50_000 // 64   # CIFAR-100 at batch 64, the paper's protocol
+
+
+class Budget:
+    def __init__(self, seconds: float) -> None:
+        self.deadline = time.monotonic() + seconds
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+
+def run_logged(cmd: list[str], cap: float, budget: Budget, log: Path, env: dict | None = None) -> str:
+    """Run ``cmd`` from the repository root, output appended to ``log``; returns ``ok``, ``rc N``,
+    ``timeout`` or ``skipped`` (too little time left)."""
+    limit = min(cap, budget.left() - 10)
+    if limit < 15:
+        return "skipped"
+    with open(log, "a") as f:
+        f.write(f"\n$ {' '.join(cmd)}   (limit {limit:.0f} s)\n")
+        f.flush()
+        started = time.monotonic()
+        try:
+            rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=limit).returncode
+        except subprocess.TimeoutExpired:
+            rc = None
+        f.write(f"# {time.monotonic() - started:.1f} s\n")
+    return "ok" if rc == 0 else ("timeout" if rc is None else f"rc {rc}")
+
+
+def pytest_summary(log: Path) -> str:
+    """pytest's closing line (``3 passed in 1.2s``) from the log, or the log's last line."""
+    lines = [ln.strip(" =") for ln in log.read_text().splitlines() if ln.strip()]
+    hits = [ln for ln in lines if re.search(r"\d+ (passed|failed|errors?|skipped)\b", ln)]
+    return (hits or lines or ["(no output)"])[-1]
+
+
+def bench_table(path: Path) -> list[str]:
+    if not path.is_file():
+        return ["(no result)"]
+    data = json.loads(path.read_text())
+    rows: dict[tuple, dict] = {}
+    for r in data["results"]:
+        rows.setdefault((r["N"], r["K"], r["dtype"]), {})[r["variant"]] = r
+    variants = [v for v in ("eager", "compile", "fused", "fused_gif", "liger") if any(v in x for x in rows.values())]
+    out = [f"device {data['meta']['device']}, copy bandwidth {data['meta']['copy_bandwidth_GBps']:.0f} GB/s; "
+           "fwd+bwd ms (x the copy floor)", "",
+           "| N x K | dtype | " + " | ".join(variants) + " |", "|---|---|" + "---|" * len(variants)]
+    for (n, k, dt), by in rows.items():
+        cells = []
+        for v in variants:
+            r = by.get(v)
+            cells.append("–" if r is None else r.get("error", f"{r['fwd_bwd_s'] * 1e3:.3f} ({r['x_floor']:.1f}x)"))
+        out.append(f"| {n} x {k} | {dt} | " + " | ".join(cells) + " |")
+    return out
+
+
+def step_times(args, budget: Budget, log: Path, graphs: list[bool]) -> list[dict]:
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for graph in graphs:
+            for method in METHODS:
+                out = Path(tmp) / f"{method}_{graph}"
+                status = run_logged([sys.executable, "train_cifar.py", "--method", method, "--teacher", args.teacher,
+                                     "--student", args.student, "--benchmark-steps", str(args.steps), "--device",
+                                     args.device, "--out", str(out), "--set", f"cuda_graph={str(graph).lower()}"],
+                                    120, budget, log)
+                row = {"method": method, "cuda_graph": graph, "status": status}
+                if status == "ok":
+                    row.update(json.loads((out / "summary.json").read_text()))
+                results.append(row)
+    return results
+
+
+def steps_table(rows: list[dict]) -> list[str]:
+    ms = {(r["method"], r["cuda_graph"]): r.get("step_ms") for r in rows}
+    out = ["| method | cuda graph | step ms | images/s | / kd |", "|---|---|---|---|---|"]
+    for r in rows:
+        kd = ms.get(("kd", r["cuda_graph"]))
+        if r["status"] != "ok":
+            out.append(f"| {r['method']} | {r['cuda_graph']} | {r['status']} | | |")
+            continue
+        ratio = f"{r['step_ms'] / kd:.2f}" if kd else "–"
+        out.append(f"| {r['method']} | {r['cuda_graph']} | {r['step_ms']:.2f} | {r['images_per_s']:.0f} | {ratio} |")
+    best = {m: min((v for (mm, _), v in ms.items() if mm == m and v), default=None) for m in METHODS}
+    if best["pesf"] and best["kd"]:
+        minutes = 240 * STEPS_PER_EPOCH * best["pesf"] / 60_000
+        out += ["", f"targets (issue 5, fastest mode): pesf step {best['pesf']:.2f} ms (<= 3.5), "
+                f"pesf/kd {best['pesf'] / best['kd']:.2f} (<= 1.10)"
+                + (f", dml/kd {best['dml'] / best['kd']:.2f} (about 2.3)" if best["dml"] else "")
+                + f"; 240 epochs of pesf steps alone: {minutes:.1f} min (an estimate: no evaluation, no data)"]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=os.environ.get("OUT", "device_check_out"))
+    ap.add_argument("--budget", type=float, default=540, help="seconds for everything")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--teacher", default="resnet56")
+    ap.add_argument("--student", default="resnet20")
+    ap.add_argument("--steps", type=int, default=200, help="timed training steps per method")
+    ap.add_argument("--test-filter", default=None, help="pytest -k for the kernel tests (CPU smoke runs)")
+    args = ap.parse_args(argv)
+    budget = Budget(args.budget)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "device_check.log"
+    cuda = args.device == "cuda"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if not cuda:
+        env["TRITON_INTERPRET"] = "1"     # the kernel on CPU runs only under the interpreter
+    py = sys.executable
+
+    info = subprocess.run([py, "-c", "import torch, triton; print(torch.cuda.get_device_name() if "
+                           f"{cuda} else 'cpu', torch.__version__, triton.__version__, sep=', ')"],
+                          capture_output=True, text=True, cwd=ROOT)
+    card = info.stdout.strip() or info.stderr.strip().splitlines()[-1]
+
+    tests = [py, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "tests/test_triton_kernel.py"]
+    tests += ["-k", args.test_filter] if args.test_filter else []
+    test_status = run_logged(tests, 240, budget, log, env)
+    test_line = pytest_summary(log) if test_status != "skipped" else "(skipped)"
+
+    bench = [py, "kernels/bench_kd.py", "--device", args.device]
+    quick_status = run_logged(bench + ["--quick", "--json", str(out / "bench_quick.json")]
+                              + ([] if cuda else ["--shapes", "4x16,64x100", "--iters", "1"]), 150, budget, log, env)
+    steps = step_times(args, budget, log, [False, True] if cuda else [False])
+    (out / "steps.json").write_text(json.dumps(steps, indent=1))
+    full_status = run_logged(bench + ["--json", str(out / "bench_full.json")], 300, budget, log, env) \
+        if cuda else "skipped (CPU)"
+
+    report = [f"# Device check, {time.strftime('%Y-%m-%d')}: {card}", "",
+              f"## Kernel tests, {'compiled for the GPU' if cuda else 'Triton interpreter'}: {test_status}", "",
+              f"    {test_line}", "",
+              f"## Fused kernel, small shapes: {quick_status}", "", *bench_table(out / "bench_quick.json"), "",
+              f"## Training step, {args.teacher} -> {args.student}, batch 64", "", *steps_table(steps), "",
+              f"## Fused kernel, large shapes: {full_status}", "", *bench_table(out / "bench_full.json")]
+    text = "\n".join(report) + "\n"
+    (out / "report.md").write_text(text)
+    print(text)
+    return 0 if test_status == "ok" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -59,7 +59,7 @@ class ImagenetConfig:
     adapter_slot: str = "head"
     bottleneck: int = 32
     feat_weight: float | None = None
-    init_epochs: int | None = None
+    init_epochs: int | None = None          # ab/ft/fsp stage; None: RepDistiller's CIFAR 30 (set it here)
     image_size: int = 224
     workers: int = 8                        # data-loading processes per rank
     seed: int = 0

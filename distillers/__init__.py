@@ -46,7 +46,11 @@ def build_distiller(method: str, student: nn.Module, teacher: nn.Module | None, 
     cls = LOGIT_METHODS[base]
     if feat is None:
         return cls(student, teacher, cfg)
-    return cls(student, teacher, cfg, feature_term=FEATURE_TERMS[feat](student, teacher, cfg, num_train))
+    term = FEATURE_TERMS[feat](student, teacher, cfg, num_train)
+    if not term.main_stage and cfg.init_epochs is not None and cfg.init_epochs <= 0:
+        raise ValueError(f"{feat} acts only through its initialisation stage; init_epochs={cfg.init_epochs} would "
+                         f"leave plain {base}")
+    return cls(student, teacher, cfg, feature_term=term)
 
 
 def needs_teacher(method: str) -> bool:

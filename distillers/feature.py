@@ -612,6 +612,9 @@ def run_init_stage(distiller: nn.Module, batches,
         return 0
     stage = term.init_stage(distiller.student)
     params = list({id(p): p for m in stage.modules for p in m.parameters()}.values())
+    if _is_distributed():   # the stage's fresh modules start from rank 0's draw on every rank
+        for p in params:
+            dist.broadcast(p.data, 0)
     lr = distiller.cfg.lr if stage.lr is None else stage.lr
     optimizer = make_optimizer(params, lr)
     device = batches.device

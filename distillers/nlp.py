@@ -12,10 +12,12 @@ is large.
 TinyBERT's task-specific distillation (Jiao et al. 2020, ``task_distill.py`` of the authors' code) has two
 steps: intermediate-layer distillation (attention scores, hidden states through a learned projection,
 embeddings; no prediction loss), then prediction-layer distillation. Here the first step is the term's
-initialisation stage (``init_epochs``, default 10 as in the authors' README) and the second is the run's
-logit objective: ``kd`` with ``alpha=1, tau=1`` is TinyBERT's soft cross-entropy (same gradient), and
-``pesf+tinybert`` puts PESF-KD's teacher update on that second step. The projection only serves the
-first step, so it is built there and dropped afterwards.
+initialisation stage (``init_epochs``, default 10 as in the authors' README; constant lr, the student's,
+where the authors' code uses 5e-5 with warm-up and linear decay) and the second is the run's logit
+objective: ``kd`` with ``alpha=1, tau=1`` (the shipped configs) has the minimiser of TinyBERT's soft
+cross-entropy, whose mean over N x C makes its gradient 1/C of the KL's; ``pesf+tinybert`` puts PESF-KD's
+teacher update on that second step. The projection only serves the first step: it starts fresh there
+(the general models' ``fit_dense`` weights are not loaded) and is dropped afterwards.
 """
 from __future__ import annotations
 
@@ -50,12 +52,19 @@ def pkd_loss(s_hidden: list[torch.Tensor], t_hidden: list[torch.Tensor],
     return F.mse_loss(F.normalize(_fp32(s), dim=-1), F.normalize(_fp32(t), dim=-1))
 
 
+def _bert_configs(name: str, student: nn.Module, teacher: nn.Module) -> tuple:
+    if not (hasattr(student, "config") and hasattr(teacher, "config")):
+        raise ValueError(f"{name} distils BERT layers; it needs BERT models (train_glue.py), got "
+                         f"{type(student).__name__} and {type(teacher).__name__}")
+    return student.config, teacher.config
+
+
 class PKD(FeatureTerm):
     default_weight = 100.0
 
     def __init__(self, student: nn.Module, teacher: nn.Module) -> None:
         super().__init__()
-        s_cfg, t_cfg = student.config, teacher.config
+        s_cfg, t_cfg = _bert_configs("pkd", student, teacher)
         if s_cfg.hidden_size != t_cfg.hidden_size:
             raise ValueError(f"pkd compares hidden states directly: the student's width {s_cfg.hidden_size} must "
                              f"equal the teacher's {t_cfg.hidden_size}")
@@ -106,7 +115,7 @@ class TinyBERT(StagedTerm):
 
     def __init__(self, student: nn.Module, teacher: nn.Module) -> None:
         super().__init__()
-        s_cfg, t_cfg = student.config, teacher.config
+        s_cfg, t_cfg = _bert_configs("tinybert", student, teacher)
         if s_cfg.num_attention_heads != t_cfg.num_attention_heads:
             raise ValueError(f"tinybert compares attention scores head by head: the student has "
                              f"{s_cfg.num_attention_heads} heads, the teacher {t_cfg.num_attention_heads}")

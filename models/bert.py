@@ -259,7 +259,9 @@ def _hf_state_dict(folder: Path) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"{folder} has neither model.safetensors nor pytorch_model.bin")
     out = {}
     for key, value in sd.items():
-        if key.startswith("cls.") or key.endswith("position_ids"):  # pre-training heads, non-persistent buffer
+        # Pre-training heads, a non-persistent buffer, and TinyBERT's general-distillation projections
+        # (fit_dense / fit_denses, not part of BERT; the tinybert method trains its own).
+        if key.startswith(("cls.", "fit_dense")) or key.endswith("position_ids"):
             continue
         key = key.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
         if not key.startswith(("bert.", "classifier.", "adapter.", "adapters.")):

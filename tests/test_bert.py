@@ -116,6 +116,24 @@ def test_save_pretrained_loads_in_transformers_and_back(transformers, tmp_path):
         BertForSequenceClassification.from_pretrained(tmp_path / "adapted")
 
 
+def test_tinybert_general_checkpoint_loads_without_its_projections(tmp_path):
+    """TinyBERT's released general models carry fit_dense (v1) or fit_denses.i (v2) projections next to
+    the BERT weights: they are dropped on load, and the BERT part gives the same logits."""
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(TINY, num_classes=2).eval()
+    model.save_pretrained(tmp_path / "plain")
+    (tmp_path / "tiny").mkdir()
+    (tmp_path / "tiny" / "config.json").write_text((tmp_path / "plain" / "config.json").read_text())
+    width = TINY.hidden_size
+    state = {k.removeprefix("bert."): v for k, v in model.state_dict().items()}
+    state.update({"fit_dense.weight": torch.zeros(width, width), "fit_dense.bias": torch.zeros(width),
+                  **{f"fit_denses.{i}.weight": torch.zeros(width, width) for i in range(3)}})
+    torch.save(state, tmp_path / "tiny" / "pytorch_model.bin")
+    loaded = BertForSequenceClassification.from_pretrained(tmp_path / "tiny").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(_batch()), model(_batch()), rtol=0, atol=0)
+
+
 def test_student_from_every_other_teacher_layer():
     torch.manual_seed(0)
     teacher = build_model("bert", 2, config=TINY)

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 import engine
 import train_glue
 from distillers import FEATURE_TERMS, build_distiller, DistillConfig
-from distillers.feature import init_epochs_of
+from distillers.feature import init_epochs_of, run_init_stage
 from distillers.nlp import PKD, TinyBERT, pkd_layer_map, tinybert_layer_map
 from models.bert import BertForSequenceClassification, load_tokenizer
 from models.common import is_adapter_key
@@ -241,6 +241,47 @@ def test_tinybert_matches_an_independent_float64_formula():
     with pytest.raises(ValueError, match="heads"):
         TinyBERT(student, BertForSequenceClassification({**small, "hidden_size": 6, "num_hidden_layers": 4,
                                                           "num_attention_heads": 3}))
+
+
+class OneBatch:
+    def __init__(self, x: dict) -> None:
+        self.x, self.device = x, torch.device("cpu")
+
+    def epoch(self, epoch: int):
+        yield self.x, torch.zeros(len(self.x["input_ids"]), dtype=torch.long), None
+
+
+def test_tinybert_stage_moves_the_student_towards_the_frozen_teacher():
+    small = dict(num_attention_heads=2, intermediate_size=16, vocab_size=50, max_position_embeddings=16)
+    torch.manual_seed(0)
+    teacher = BertForSequenceClassification({**small, "hidden_size": 8, "num_hidden_layers": 4})
+    student = BertForSequenceClassification({**small, "hidden_size": 4, "num_hidden_layers": 2})
+    distiller = build_distiller("tinybert", student, teacher, DistillConfig(init_epochs=4, lr=1e-2))
+    teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    student_before = {k: v.clone() for k, v in student.state_dict().items()}
+    gen = torch.Generator().manual_seed(1)
+    mask = (torch.arange(10) < torch.tensor([10, 7, 4, 10, 9, 2])[:, None]).long()
+    x = {"input_ids": torch.randint(0, 50, (6, 10), generator=gen), "token_type_ids": torch.zeros(6, 10).long(),
+         "attention_mask": mask}
+    lines = []
+    epochs = run_init_stage(distiller, OneBatch(x), lambda params, lr: torch.optim.AdamW(params, lr=lr),
+                            log=lines.append)
+    losses = [float(line.rsplit(" ", 1)[1]) for line in lines]
+    assert epochs == 4 and all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
+    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in teacher_before.items())
+    assert not torch.equal(student_before["bert.encoder.layer.0.attention.self.query.weight"],
+                           student.state_dict()["bert.encoder.layer.0.attention.self.query.weight"])
+    assert all(p.requires_grad is False for p in teacher.parameters())
+
+
+def test_bert_terms_refuse_other_models_and_stage_only_terms_refuse_no_stage():
+    import models
+    resnet = models.build_model("resnet8", 100)
+    for name in ("pkd", "tinybert"):
+        with pytest.raises(ValueError, match="needs BERT models"):
+            build_distiller(name, resnet, models.build_model("resnet8", 100), DistillConfig())
+    with pytest.raises(ValueError, match="init_epochs=0 would leave plain kd"):
+        build_distiller("ab", resnet, models.build_model("resnet8", 100), DistillConfig(init_epochs=0))
 
 
 # ----------------------------------------------------------------------------------------------

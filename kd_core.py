@@ -312,6 +312,21 @@ def _define_triton_kernels():
             return rows * stride
 
     @triton.jit
+    def _kd_rows(y_ptr, rows, N, stride_s, stride_t, ignore_index, OFF64: tl.constexpr):
+        # A program's rows: in range, labelled (y != ignore_index), the label (0 where not), row offsets.
+        row_ok = rows < N
+        y = tl.load(y_ptr + rows, mask=row_ok, other=ignore_index)
+        valid = row_ok & (y != ignore_index)
+        y = tl.where(valid, y, 0).to(tl.int32)
+        return row_ok, valid, y, _kd_row_offsets(rows, stride_s, OFF64), _kd_row_offsets(rows, stride_t, OFF64)
+
+    @triton.jit
+    def _kd_empty_state(ROWS: tl.constexpr):
+        # One direction's online-softmax state: max, sum at 1, sum at 1/tau, weighted sum, argmax.
+        zero = tl.zeros([ROWS], tl.float32)
+        return tl.full([ROWS], float("-inf"), tl.float32), zero, zero, zero, tl.zeros([ROWS], tl.int32)
+
+    @triton.jit
     def _kd_merge(m, z1, zt, w, arg, bm, bz1, bzt, bw, barg, inv_tau):
         # Merge two online-softmax states; each z is relative to its own max (0 when the max is -inf).
         nm = tl.maximum(m, bm)
@@ -466,22 +481,9 @@ def _define_triton_kernels():
         pid_r = tl.program_id(0)
         pid_k = tl.program_id(1)
         rows = pid_r * ROWS + tl.arange(0, ROWS)
-        row_ok = rows < N
-        y = tl.load(y_ptr + rows, mask=row_ok, other=ignore_index)
-        valid = row_ok & (y != ignore_index)
-        y = tl.where(valid, y, 0).to(tl.int32)
-        off_s = _kd_row_offsets(rows, stride_s, OFF64)
-        off_t = _kd_row_offsets(rows, stride_t, OFF64)
-        ms = tl.full([ROWS], float("-inf"), tl.float32)
-        mt = tl.full([ROWS], float("-inf"), tl.float32)
-        z1s = tl.zeros([ROWS], tl.float32)
-        zts = tl.zeros([ROWS], tl.float32)
-        ws = tl.zeros([ROWS], tl.float32)
-        z1t = tl.zeros([ROWS], tl.float32)
-        ztt = tl.zeros([ROWS], tl.float32)
-        wt = tl.zeros([ROWS], tl.float32)
-        js = tl.zeros([ROWS], tl.int32)
-        jt = tl.zeros([ROWS], tl.int32)
+        row_ok, valid, y, off_s, off_t = _kd_rows(y_ptr, rows, N, stride_s, stride_t, ignore_index, OFF64)
+        ms, z1s, zts, ws, js = _kd_empty_state(ROWS)
+        mt, z1t, ztt, wt, jt = _kd_empty_state(ROWS)
         k_start = pid_k * k_per_split
         k_stop = tl.minimum(k_start + k_per_split, K)
         for k0 in range(k_start, k_stop, BLOCK_K):
@@ -523,22 +525,9 @@ def _define_triton_kernels():
                         OFF64: tl.constexpr):
         # Split-K epilogue: merge the partial states of each row (O(N * splits) fp32) and finalize.
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-        row_ok = rows < N
-        y = tl.load(y_ptr + rows, mask=row_ok, other=ignore_index)
-        valid = row_ok & (y != ignore_index)
-        y = tl.where(valid, y, 0).to(tl.int32)
-        off_s = _kd_row_offsets(rows, stride_s, OFF64)
-        off_t = _kd_row_offsets(rows, stride_t, OFF64)
-        ms = tl.full([ROWS], float("-inf"), tl.float32)
-        mt = tl.full([ROWS], float("-inf"), tl.float32)
-        z1s = tl.zeros([ROWS], tl.float32)
-        zts = tl.zeros([ROWS], tl.float32)
-        ws = tl.zeros([ROWS], tl.float32)
-        z1t = tl.zeros([ROWS], tl.float32)
-        ztt = tl.zeros([ROWS], tl.float32)
-        wt = tl.zeros([ROWS], tl.float32)
-        js = tl.zeros([ROWS], tl.int32)
-        jt = tl.zeros([ROWS], tl.int32)
+        row_ok, valid, y, off_s, off_t = _kd_rows(y_ptr, rows, N, stride_s, stride_t, ignore_index, OFF64)
+        ms, z1s, zts, ws, js = _kd_empty_state(ROWS)
+        mt, z1t, ztt, wt, jt = _kd_empty_state(ROWS)
         for sp in range(0, n_splits):
             base = part_ptr + (rows * n_splits + sp) * 10
             ms, z1s, zts, ws, js = _kd_merge(
@@ -565,12 +554,7 @@ def _define_triton_kernels():
         # Grid (row blocks, K blocks): each program reads its tile of s and t once and writes its
         # tile of ds and dt once; everything else comes from the per-row statistics.
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-        row_ok = rows < N
-        y = tl.load(y_ptr + rows, mask=row_ok, other=ignore_index)
-        valid = row_ok & (y != ignore_index)
-        y = tl.where(valid, y, 0).to(tl.int32)
-        off_s = _kd_row_offsets(rows, stride_s, OFF64)
-        off_t = _kd_row_offsets(rows, stride_t, OFF64)
+        row_ok, valid, y, off_s, off_t = _kd_rows(y_ptr, rows, N, stride_s, stride_t, ignore_index, OFF64)
         LS = tl.load(stats_ptr + 0 * N + rows, mask=row_ok, other=0.0)
         LT = tl.load(stats_ptr + 1 * N + rows, mask=row_ok, other=0.0)
         lse_s = tl.load(stats_ptr + 2 * N + rows, mask=row_ok, other=0.0)

@@ -334,7 +334,7 @@ def run(cfg: GlueConfig, resume: bool = False) -> dict:
     # Models and method
     student, teacher = build_models(cfg, len(task.labels), log)
     distiller = build_distiller(cfg.method, student, teacher, DistillConfig.from_run_config(cfg),
-                                num_train=len(train.labels))
+                                train_labels=train.labels)
     distiller.to(dist.device)
     if not resume and not cfg.benchmark_steps:   # tinybert's intermediate-layer step; checkpoints come after it
         run_init_stage(distiller, train, lambda params, lr: adamw([{"params": params}], lr, cfg.weight_decay),

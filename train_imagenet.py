@@ -60,6 +60,7 @@ class ImagenetConfig:
     bottleneck: int = 32
     feat_weight: float | None = None
     init_epochs: int | None = None          # ab/ft/fsp stage; None: RepDistiller's CIFAR 30 (set it here)
+    crd_negatives: str = "other_class"       # other_class (RepDistiller's default) | uniform
     image_size: int = 224
     workers: int = 8                        # data-loading processes per rank
     seed: int = 0
@@ -206,23 +207,23 @@ def run(cfg: ImagenetConfig, resume: bool = False) -> dict:
         num_classes = 1000
         train = SyntheticBatches(cfg.batch_size // dist.world, cfg.image_size, num_classes, dist.device,
                                  cfg.channels_last)
-        num_train = len(train) * cfg.batch_size
+        train_labels = train.y.repeat(len(train) * dist.world)   # bank row i holds batch row i % batch
     else:
         root = Path(cfg.data_dir)
         train_set = image_folder(root / "train", True, cfg.image_size)
         val_set = image_folder(root / "val", False, cfg.image_size)
-        num_classes, num_train = len(train_set.dataset.classes), len(train_set)
+        num_classes, train_labels = len(train_set.dataset.classes), torch.tensor(train_set.dataset.targets)
         common = dict(device=dist.device, seed=cfg.seed, rank=dist.rank, world=dist.world, workers=cfg.workers,
                       limit=cfg.limit_batches, channels_last=cfg.channels_last)
         train = LoaderBatches(train_set, cfg.batch_size, True, **common)
         test = LoaderBatches(val_set, max(1, cfg.eval_batch_size // dist.world), False, **common)
         if len(train) == 0:
-            raise engine.ConfigError(f"no full training batch: {num_train} images, batch size {cfg.batch_size}")
+            raise engine.ConfigError(f"no full training batch: {len(train_labels)} images, batch size {cfg.batch_size}")
 
     # Models and method
     student, teacher = build_models(cfg, num_classes, log)
     distiller = build_distiller(cfg.method, student, teacher, DistillConfig.from_run_config(cfg),
-                                num_train=num_train)
+                                train_labels=train_labels)
     distiller.to(dist.device)
     if cfg.channels_last:
         distiller.to(memory_format=torch.channels_last)

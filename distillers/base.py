@@ -8,6 +8,9 @@ import torch
 import torch.nn as nn
 
 
+CRD_NEGATIVES = ("other_class", "uniform")
+
+
 @dataclass
 class DistillConfig:
     """Loss weights and learning rates shared by the methods; every value comes from the run config."""
@@ -21,12 +24,18 @@ class DistillConfig:
     adapter_lr: float = 1e-4    # teacher adapters (pesf)
     feat_weight: float | None = None   # beta of a feature term; None: the term's default
     init_epochs: int | None = None     # initialisation stage (fitnet/ab/ft/fsp); None: the method's default
+    crd_negatives: str = "other_class"  # CRD's negatives: other_class (RepDistiller's default) | uniform
     backend: str = "auto"       # kd_core backend
+
+    def __post_init__(self) -> None:
+        if self.crd_negatives not in CRD_NEGATIVES:
+            raise ValueError(f"crd_negatives must be one of {', '.join(CRD_NEGATIVES)}, got {self.crd_negatives!r}")
 
     @classmethod
     def from_run_config(cls, cfg) -> "DistillConfig":
-        """Take the fields of this class from a script's run config (which holds them all)."""
-        return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)})
+        """Take the fields of this class from a script's run config; those it lacks keep their defaults
+        (train_glue.py has no ``crd_negatives``)."""
+        return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls) if hasattr(cfg, f.name)})
 
 
 class Distiller(nn.Module):

@@ -1,4 +1,5 @@
-"""Feature- and relation-based terms (SPEC sec. 2): the extra ``beta * L_feat`` of ``kd+NAME`` / ``pesf+NAME``.
+"""Feature- and relation-based terms (SPEC sec. 2): the ``beta * L_feat`` of ``NAME`` (with CE alone),
+``kd+NAME`` and ``pesf+NAME``.
 
 Each term reads the models' feature dicts: ``pooled`` (penultimate feature ``[N, D]``), ``stages`` (stem
 and stage outputs; RepDistiller's ``is_feat`` list without its pooled entry) and ``preact_stages``.
@@ -21,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.cifar import ResNet, WideResNet
-from .base import DistillConfig
+from .base import CRD_NEGATIVES, DistillConfig
 from .logit import FeatureTerm
 
 Feats = dict
@@ -336,40 +337,71 @@ class CRD(_Term):
     network's 128-d normalised embedding and the other network's memory bank, both directions.
 
     The bank holds one momentum-averaged embedding per training image (``num_train`` rows, buffers, so
-    they are checkpointed). K negatives per anchor are drawn uniformly on the device among the other
-    images (RepDistiller's default draws them from the other classes; the factory does not see labels).
-    Under DDP the indices and embeddings of all ranks update the bank, which stays identical everywhere.
+    they are checkpointed). K negatives per anchor are drawn on the device, uniformly among the images of
+    the other classes (``other_class``, RepDistiller's default ``mode="exact"``; needs the training labels,
+    ``bind_train_labels``) or among all other images (``uniform``). The draw is made for the whole global
+    batch from the global RNG (seeded alike on every rank, restored on resume) and each rank takes its
+    slice, so the negatives do not depend on the number of processes. Under DDP the indices and
+    embeddings of all ranks update the bank, which stays identical everywhere.
     """
 
     default_weight = 0.8
 
     def __init__(self, s_dim: int, t_dim: int, num_train: int, dim: int = 128, k: int = 16384,
-                 temperature: float = 0.07, momentum: float = 0.5) -> None:
+                 temperature: float = 0.07, momentum: float = 0.5, negatives: str = "other_class") -> None:
         super().__init__()
         if num_train < 2:
             raise ValueError(f"CRD needs the size of the training set (num_train >= 2), got {num_train}")
+        if negatives not in CRD_NEGATIVES:
+            raise ValueError(f"crd_negatives must be one of {', '.join(CRD_NEGATIVES)}, got {negatives!r}")
         self.embed_s, self.embed_t = Embed(s_dim, dim), Embed(t_dim, dim)
-        self.k, self.temperature, self.momentum = k, temperature, momentum
+        self.k, self.temperature, self.momentum, self.negatives = k, temperature, momentum, negatives
         bound = 1.0 / math.sqrt(dim / 3)
         self.register_buffer("memory_s", torch.rand(num_train, dim) * 2 * bound - bound)
         self.register_buffer("memory_t", torch.rand(num_train, dim) * 2 * bound - bound)
         # Normalising constants Z of the two directions, estimated on the first batch (< 0: not yet).
         self.register_buffer("z", torch.full((2,), -1.0))
+        # Bank rows sorted by class, and where each class's block starts in that order and how long it is.
+        # Derived from the data set, so not checkpointed (old checkpoints load unchanged).
+        for name in ("rows_by_class", "class_start", "class_size"):
+            self.register_buffer(name, None, persistent=False)
 
     @classmethod
     def from_models(cls, student, teacher, cfg, num_train):
-        return cls(student.feature_dim, teacher.feature_dim, num_train)
+        return cls(student.feature_dim, teacher.feature_dim, num_train, negatives=cfg.crd_negatives)
 
-    def sample_indices(self, index: torch.Tensor) -> torch.Tensor:
-        """``[B, 1 + K]``: the anchor's own index, then K uniform draws among the other bank rows."""
-        neg = torch.randint(0, len(self.memory_s) - 1, (len(index), self.k), device=index.device)
-        neg = neg + (neg >= index[:, None]).long()
-        return torch.cat([index[:, None], neg], 1)
+    def bind_train_labels(self, labels: torch.Tensor) -> None:
+        labels = labels.flatten().long().to(self.memory_s.device)
+        if len(labels) != len(self.memory_s):
+            raise ValueError(f"CRD got {len(labels)} training labels for a bank of {len(self.memory_s)} images")
+        size = torch.bincount(labels)
+        if int(size.max()) == len(labels):
+            raise ValueError("CRD's other_class negatives need at least two classes in the training set")
+        self.rows_by_class = torch.argsort(labels, stable=True)
+        self.class_start, self.class_size = torch.cumsum(size, 0) - size, size
+
+    def sample_indices(self, index: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        """``[B, 1 + K]``: the anchor's own row, then K draws, uniform among the rows outside the anchor's
+        block: its class (``other_class``, in class-sorted order) or the anchor alone (``uniform``)."""
+        if self.negatives == "uniform":
+            order, start, size = None, index, torch.ones_like(index)
+        elif self.rows_by_class is None:
+            raise RuntimeError("CRD's other_class negatives need the training labels (build_distiller(..., "
+                               "train_labels=...)); or set crd_negatives=uniform")
+        else:
+            order, start, size = self.rows_by_class, self.class_start[y], self.class_size[y]
+        rank, world = (dist.get_rank(), dist.get_world_size()) if _is_distributed() else (0, 1)
+        b = len(index)
+        # 62-bit draws reduced modulo the span: the bias, span / 2^62, is negligible for any data set.
+        draws = torch.randint(0, 2 ** 62, (world * b, self.k), device=index.device)[rank * b:(rank + 1) * b]
+        pos = draws % (len(self.memory_s) - size)[:, None]
+        pos = pos + size[:, None] * (pos >= start[:, None])
+        return torch.cat([index[:, None], pos if order is None else order[pos]], 1)
 
     def forward(self, s_feats, t_feats, y, index):
         with _no_autocast(s_feats["pooled"]):
             v_s, v_t = self.embed_s(_fp32(s_feats["pooled"])), self.embed_t(_fp32(t_feats["pooled"]))
-            idx = self.sample_indices(index)
+            idx = self.sample_indices(index, y)
             # Student anchors score against the teacher bank and vice versa (RepDistiller's out_v1, out_v2).
             out_s = torch.exp(torch.bmm(self.memory_t[idx].to(v_s.dtype), v_s[:, :, None])[..., 0] / self.temperature)
             out_t = torch.exp(torch.bmm(self.memory_s[idx].to(v_t.dtype), v_t[:, :, None])[..., 0] / self.temperature)

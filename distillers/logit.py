@@ -2,7 +2,8 @@
 
 Each loss is a weighted sum of ``kd_core.distill_terms`` fields plus detach choices.
 ``kd`` and ``pesf`` accept an optional feature term (``kd+NAME``, ``pesf+NAME``): an extra
-``beta * L_feat`` on the student, computed from both networks' features.
+``beta * L_feat`` on the student, computed from both networks' features. ``FeatureDistiller`` runs a
+feature term on its own (``--method NAME``): ``CE + beta * L_feat``, no KL.
 """
 from __future__ import annotations
 
@@ -26,6 +27,9 @@ class FeatureTerm(nn.Module):
 
     def forward(self, s_feats: dict, t_feats: dict, y: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
+
+    def bind_train_labels(self, labels: torch.Tensor) -> None:
+        """The training set's labels in index order; terms that sample by class (CRD) keep them."""
 
 
 class CEDistiller(Distiller):
@@ -78,6 +82,18 @@ def _detach(v):
     if isinstance(v, (list, tuple)):
         return type(v)(_detach(u) for u in v)
     return v
+
+
+class FeatureDistiller(_WithFeatureTerm):
+    """A feature method on its own, as RepDistiller runs it (``-a 0``, Tian et al. 2020):
+    ``CE(s, y) + beta * L_feat(s, t)``, teacher frozen, no KL term; the betas were tuned for this objective.
+    """
+
+    def forward(self, x, y, index=None):
+        s, _, s_feats, t_feats = self._students_and_teachers(x, teacher_grad=False)
+        losses = {"ce": F.cross_entropy(s.float(), y)}
+        self._add_feature_term(losses, s_feats, t_feats, y, index)
+        return s, losses
 
 
 class KDDistiller(_WithFeatureTerm):

@@ -91,7 +91,7 @@ class FeatureDistiller(_WithFeatureTerm):
 
     def forward(self, x, y, index=None):
         s, _, s_feats, t_feats = self._students_and_teachers(x, teacher_grad=False)
-        losses = {"ce": F.cross_entropy(s.float(), y)}
+        losses = {"ce": F.cross_entropy(s.to(torch.promote_types(s.dtype, torch.float32)), y)}   # fp64 stays fp64
         self._add_feature_term(losses, s_feats, t_feats, y, index)
         return s, losses
 

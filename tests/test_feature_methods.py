@@ -1,5 +1,6 @@
 """distillers/feature.py: every loss against an independent float64 formula, every method end to end through
-train_cifar.run on a fake CIFAR pickle, CRD's memory bank across --resume and across two DDP ranks."""
+train_cifar.run on a fake CIFAR pickle, CRD's memory bank across --resume and its bank and negatives across two
+DDP ranks."""
 import math
 from pathlib import Path
 
@@ -51,7 +52,7 @@ def test_registry_holds_every_method_and_its_default_weight():
     assert set(fm.FACTORIES) == set(weights) and set(weights) <= set(FEATURE_TERMS)
     s, t = models.build_model("resnet8", 100), models.build_model("resnet14", 100)
     for name, w in weights.items():
-        assert parse_method(name) == ("kd", name) and parse_method(f"pesf+{name}") == ("pesf", name)
+        assert parse_method(name) == ("ce", name) and parse_method(f"pesf+{name}") == ("pesf", name)
         assert FEATURE_TERMS[name](s, t, DistillConfig(), 100).default_weight == w
 
 
@@ -215,12 +216,14 @@ def test_crd_nce_memory_update_and_normaliser():
     torch.manual_seed(0)
     n, k, b, temp = 10, 6, 3, 0.07
     term = fm.CRD(4, 5, n, dim=3, k=k).double()
+    term.bind_train_labels(torch.arange(n) % 4)
     f_s, f_t, index = rand(b, 4, seed=33), rand(b, 5, seed=34), torch.tensor([7, 0, 3])
+    y = index % 4
     mem_s, mem_t = term.memory_s.clone(), term.memory_t.clone()
     torch.manual_seed(5)
-    idx = term.sample_indices(index)
+    idx = term.sample_indices(index, y)
     torch.manual_seed(5)
-    got = term(feats(f_s), feats(f_t), None, index)
+    got = term(feats(f_s), feats(f_t), y, index)
 
     def embed(e, f):
         v = f @ e.linear.weight.T + e.linear.bias
@@ -248,17 +251,8 @@ def test_crd_nce_memory_update_and_normaliser():
             else:
                 assert torch.equal(memory[row], before[row])
     z_before = term.z.clone()
-    term(feats(rand(b, 4, seed=35)), feats(rand(b, 5, seed=36)), None, torch.tensor([1, 2, 9]))
+    term(feats(rand(b, 4, seed=35)), feats(rand(b, 5, seed=36)), torch.tensor([1, 2, 1]), torch.tensor([1, 2, 9]))
     assert torch.equal(term.z, z_before)   # Z is estimated once, on the first batch
-
-
-def test_crd_negatives_exclude_the_anchor():
-    term = fm.CRD(2, 2, 10, dim=2, k=2000)
-    index = torch.tensor([0, 4, 9])
-    idx = term.sample_indices(index)
-    assert idx.shape == (3, 2001) and torch.equal(idx[:, 0], index)
-    for row, anchor in zip(idx[:, 1:], index.tolist()):
-        assert set(row.tolist()) == set(range(10)) - {anchor}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -334,17 +328,25 @@ import os, sys
 import torch
 sys.path.insert(0, {root!r})
 import engine, train_cifar
+from distillers import feature
 
-built = []
+built, draws = [], []
 original = train_cifar.build_distiller
 def build(*args, **kwargs):
     built.append(original(*args, **kwargs))
     return built[-1]
 train_cifar.build_distiller = build
+sample = feature.CRD.sample_indices
+def record(self, index, y):
+    rng = torch.get_rng_state()
+    draws.append(dict(rng=rng, index=index, y=y, drawn=sample(self, index, y)))
+    return draws[-1]["drawn"]
+feature.CRD.sample_indices = record
 code = train_cifar.main(sys.argv[1:])
 term = engine.unwrap(built[0].feature_term)
 torch.save({{k: v for k, v in term.state_dict().items() if not k.startswith("embed")}},
            os.path.join({out!r}, "bank_rank" + os.environ["RANK"] + ".pt"))
+torch.save(draws[0], os.path.join({out!r}, "draw_rank" + os.environ["RANK"] + ".pt"))
 sys.exit(code)
 """
 
@@ -370,3 +372,12 @@ def test_crd_bank_identical_on_two_ddp_ranks(fake_cifar, teacher_ckpt, tmp_path)
                                                                      train=True, limit=2).epoch(0)])
     changed = (rank0["memory_s"] != initial).any(1).nonzero().flatten()
     assert sorted(changed.tolist()) == sorted(seen.tolist())
+    # Both ranks drew from the same RNG state, and together drew what one process draws for the global batch.
+    draw0, draw1 = (torch.load(tmp_path / f"draw_rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert torch.equal(draw0["rng"], draw1["rng"])
+    term = fm.CRD(64, 64, 160, k=16384)
+    term.bind_train_labels(labels)
+    torch.set_rng_state(draw0["rng"])
+    single = term.sample_indices(torch.cat([draw0["index"], draw1["index"]]), torch.cat([draw0["y"], draw1["y"]]))
+    assert torch.equal(torch.cat([draw0["drawn"], draw1["drawn"]]), single)
+    assert not (labels[single[:, 1:]] == labels[single[:, :1]]).any()   # no negative of the anchor's class

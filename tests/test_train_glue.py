@@ -280,7 +280,7 @@ def test_bert_terms_refuse_other_models_and_stage_only_terms_refuse_no_stage():
     for name in ("pkd", "tinybert"):
         with pytest.raises(ValueError, match="needs BERT models"):
             build_distiller(name, resnet, models.build_model("resnet8", 100), DistillConfig())
-    with pytest.raises(ValueError, match="init_epochs=0 would leave plain kd"):
+    with pytest.raises(ValueError, match="init_epochs=0 would leave plain ce"):
         build_distiller("ab", resnet, models.build_model("resnet8", 100), DistillConfig(init_epochs=0))
 
 

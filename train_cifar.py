@@ -63,7 +63,7 @@ class CifarConfig:
     bottleneck: int = 32
     feat_weight: float | None = None
     init_epochs: int | None = None          # fitnet/ab/ft/fsp initialisation stage; None: the method's default
-    crd_negatives: str = "other_class"       # other_class (RepDistiller's default) | uniform
+    crd_negatives: str = "other_class"      # other_class (RepDistiller's default) | uniform
     train_subset: int = 0                   # use only the first N training images (0: all)
     seed: int = 0
     device: str = "auto"
@@ -249,7 +249,8 @@ def run(cfg: CifarConfig, resume: bool = False) -> dict:
 
     # Models and method
     student, teacher = build_models(cfg, log)
-    distiller = build_distiller(cfg.method, student, teacher, DistillConfig.from_run_config(cfg), train_labels=train.labels)
+    distiller = build_distiller(cfg.method, student, teacher, DistillConfig.from_run_config(cfg),
+                                train_labels=train.labels)
     distiller.to(dist.device)
     if cfg.channels_last:
         distiller.to(memory_format=torch.channels_last)

@@ -60,7 +60,7 @@ class ImagenetConfig:
     bottleneck: int = 32
     feat_weight: float | None = None
     init_epochs: int | None = None          # ab/ft/fsp stage; None: RepDistiller's CIFAR 30 (set it here)
-    crd_negatives: str = "other_class"       # other_class (RepDistiller's default) | uniform
+    crd_negatives: str = "other_class"      # other_class (RepDistiller's default) | uniform
     image_size: int = 224
     workers: int = 8                        # data-loading processes per rank
     seed: int = 0

@@ -78,7 +78,8 @@ def main() -> None:
     pair = {"teacher": teacher, "student": student, "teacher_ckpt": teacher_ckpt(teacher)}
     for name in ORTHOGONAL:
         write(ROOT / f"{teacher}_{student}" / f"pesf_{name}.yaml", f"Table 4, PESF-KD + {name} (pesf+{name}: "
-              f"0.9 KL + 0.1 CE + beta L, teacher adapters): {teacher} -> {student}", {"method": f"pesf+{name}", **pair})
+              f"0.9 KL + 0.1 CE + beta L, teacher adapters): {teacher} -> {student}",
+              {"method": f"pesf+{name}", **pair})
         write(ROOT / f"{teacher}_{student}" / f"pesf_{name}_noadj.yaml",
               f"Table 12, PESF-KD + {name} without label adjustment (dagger; pesf+{name}): {teacher} -> {student}",
               {"method": f"pesf+{name}", **pair, "label_adjust": False})

@@ -28,7 +28,8 @@ FEATURE_TERMS.update(NLP_FACTORIES)   # pkd (distillers/nlp.py)
 COMBINABLE = ("kd", "pesf")
 # The logit objective of a feature term named alone: "ce" (FeatureDistiller, RepDistiller's "-a 0") for the
 # CV terms; "kd" for PKD (Sun et al. 2019, eq. 8 of the PESF-KD appendix) and TinyBERT (its prediction step).
-ALONE_BASE: dict[str, str] = {**{name: "ce" for name in FEATURE_FACTORIES}, **{name: "kd" for name in NLP_FACTORIES}}
+ALONE_BASE: dict[str, str] = {**{name: "ce" for name in FEATURE_FACTORIES},
+                              **{name: "kd" for name in NLP_FACTORIES}}
 # The distiller class that carries a feature term, by logit objective.
 WITH_FEATURE: dict[str, type[Distiller]] = {"ce": FeatureDistiller, "kd": KDDistiller, "pesf": PESFDistiller}
 
@@ -75,5 +76,5 @@ def needs_teacher(method: str) -> bool:
     return _distiller_class(method).needs_teacher
 
 
-__all__ = ["DistillConfig", "Distiller", "FeatureTerm", "LOGIT_METHODS", "FEATURE_TERMS", "ALONE_BASE", "build_distiller",
-           "method_names", "parse_method", "needs_teacher", "min_logit_ensemble"]
+__all__ = ["DistillConfig", "Distiller", "FeatureTerm", "LOGIT_METHODS", "FEATURE_TERMS", "ALONE_BASE",
+           "build_distiller", "method_names", "parse_method", "needs_teacher", "min_logit_ensemble"]

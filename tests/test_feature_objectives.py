@@ -66,7 +66,8 @@ def total_and_reference(method: str, batch) -> tuple[dict, float, float, float, 
     assert torch.equal(s.detach(), s_ref.detach())
     torch.manual_seed(7)
     feat = 0.0 if parse_method(method)[1] in STAGE_ONLY else float(term_copy(s_feats, t_feats, y, index).detach())
-    return losses, ce_ref(s.detach(), y), kl_ref(t, s.detach(), 4.0), feat, sum(float(v.detach()) for v in losses.values())
+    total = sum(float(v.detach()) for v in losses.values())
+    return losses, ce_ref(s.detach(), y), kl_ref(t, s.detach(), 4.0), feat, total
 
 
 @pytest.mark.parametrize("name", sorted(BETA))

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
+import itertools
 import json
 import math
 import os
@@ -102,42 +104,70 @@ def config_dict(cfg) -> dict:
 _RUN_FLAGS = ("config", "set", "resume")
 
 
-def arg_parser(doc: str, configs: str, flags: list[tuple[str, type]]) -> argparse.ArgumentParser:
+def arg_parser(doc: str, configs: str, flags: list[tuple[str, type, str]]) -> argparse.ArgumentParser:
     """The command line every script shares: --config, --set, --resume, --no-label-adjust, and one
-    ``--name`` flag per entry of ``flags`` for the most used config keys."""
+    ``--name`` flag (with its one-line help) per entry of ``flags`` for the most used config keys."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help=f"YAML file of config keys (see {configs})")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-    for flag, kind in flags:
-        p.add_argument(f"--{flag}", type=kind)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config key (repeatable); unknown keys are an error")
+    for flag, kind, text in flags:
+        p.add_argument(f"--{flag}", type=kind, help=text)
     p.add_argument("--no-label-adjust", dest="label_adjust", action="store_false", default=None,
                    help="no label adjustment (the paper's dagger rows)")
-    p.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
+    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="PATH",
+                   help="continue from <out>/last.pt, or from PATH (a checkpoint or a run folder, which "
+                        "then becomes the output folder); a run without a checkpoint yet starts afresh")
     return p
 
 
 def parse_config(cls, parser: argparse.ArgumentParser, argv=None, actions: tuple[str, ...] = ()):
     """Parse the command line into a ``cls`` config; ``actions`` are the script's own non-config flags.
 
-    Returns ``(cfg, args)``; ``args.overrides`` holds the flags given as config values.
+    Returns ``(cfg, args)``; ``args.overrides`` holds the flags given as config values. With
+    ``--resume PATH`` and no ``--out``, the outputs go to PATH's run folder (a moved run continues there).
     """
     args = parser.parse_args(argv)
     args.overrides = {k: v for k, v in vars(args).items() if k not in (*_RUN_FLAGS, *actions) and v is not None}
-    return build_config(cls, args.config, args.set, args.overrides), args
+    if isinstance(args.resume, str) and "out" not in args.overrides:
+        folder = Path(args.resume) if Path(args.resume).is_dir() else Path(args.resume).parent
+        args.overrides["out"] = str(folder)
+    cfg = build_config(cls, args.config, args.set, args.overrides)
+    if getattr(cfg, "epochs", 1) < 1:
+        raise ConfigError(f"epochs must be at least 1, got {cfg.epochs}")
+    if getattr(cfg, "save_every", 0) < 0:
+        raise ConfigError(f"save_every must be a number of steps (0: only at epoch ends), got {cfg.save_every}")
+    return cfg, args
+
+
+# The run folder of the run in progress, named when the run is interrupted (Ctrl-C).
+_current_run: Path | None = None
 
 
 def cli(body) -> int:
-    """Run ``body()``; bad input of any kind is one line on stderr and exit status 2, never a traceback."""
+    """Run ``body()``; bad input of any kind is one line on stderr and exit status 2, never a traceback.
+    Ctrl-C is one line naming the last checkpoint and how to continue (exit status 130)."""
     finished = False
     try:
         body()
         finished = True
-    except (ValueError, FileNotFoundError, NonFiniteLoss) as err:
+    except (ValueError, FileNotFoundError, IsADirectoryError, NonFiniteLoss, FloatingPointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: {_resume_hint(_current_run)}", file=sys.stderr)
+        return 130
     finally:
         shutdown_distributed(synchronize=finished)
     return 0
+
+
+def _resume_hint(out: Path | None) -> str:
+    if out is None:
+        return "no run had started"
+    if (out / "last.pt").is_file():
+        return f"the last checkpoint is {out / 'last.pt'}; the same command plus --resume continues from it"
+    return f"no checkpoint in {out} yet; the same command plus --resume starts afresh"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -155,16 +185,30 @@ class Dist:
         return self.rank == 0
 
 
+def check_device(device: str) -> str:
+    """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``; anything else, or CUDA without a
+    usable GPU, is a one-line ConfigError."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    kind, _, index = device.partition(":")
+    if kind not in ("cpu", "cuda") or (index and (kind == "cpu" or not index.isdigit())):
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r}: no usable CUDA GPU (no driver or no device); use --device cpu")
+    if index and int(index) >= torch.cuda.device_count():
+        raise ConfigError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
 def init_distributed(device: str = "auto") -> Dist:
     """Set up the process group when launched by torchrun (NCCL on CUDA, gloo on CPU)."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = check_device(device)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "cuda":
-        torch.cuda.set_device(local_rank)
-        dev = torch.device("cuda", local_rank)
+    if device.startswith("cuda"):
+        dev = torch.device("cuda", local_rank if device == "cuda" else int(device.split(":")[1]))
+        torch.cuda.set_device(dev)
     else:
         dev = torch.device(device)
     if world > 1 and not dist.is_initialized():
@@ -240,8 +284,41 @@ def set_rng_state(state: dict) -> None:
 # ----------------------------------------------------------------------------------------------
 # Checkpoints: written atomically, so a crash mid-write leaves the previous one intact
 # ----------------------------------------------------------------------------------------------
+class CheckpointError(ValueError):
+    pass
+
+
+def payload_digest(obj) -> str:
+    """SHA-256 of a checkpoint's content (tensor bytes, dtypes, shapes, keys and plain values), independent
+    of how torch.save lays it out, so that it can be checked after loading."""
+    digest = hashlib.sha256()
+
+    def walk(value) -> None:
+        if isinstance(value, torch.Tensor):
+            t = value.detach().cpu().contiguous().reshape(-1)
+            digest.update(f"T{t.dtype}{tuple(value.shape)}".encode())
+            digest.update(t.view(torch.uint8).numpy().tobytes())
+        elif isinstance(value, dict):
+            digest.update(f"D{len(value)}".encode())
+            for key, item in value.items():
+                digest.update(repr(key).encode())
+                walk(item)
+        elif isinstance(value, (list, tuple)):
+            digest.update(f"L{len(value)}".encode())
+            for item in value:
+                walk(item)
+        else:
+            digest.update(repr(value).encode())
+
+    walk(obj)
+    return digest.hexdigest()
+
+
 def save_atomic(obj, path: str | Path) -> None:
+    """torch.save through a temporary file and a rename; a dict gets a ``checksum`` of its content."""
     path = Path(path)
+    if isinstance(obj, dict):
+        obj = {**obj, "checksum": payload_digest(obj)}
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         torch.save(obj, tmp)
@@ -253,10 +330,70 @@ def save_atomic(obj, path: str | Path) -> None:
 
 
 def load_file(path: str | Path, what: str) -> dict:
+    """A checkpoint dict, checked: a missing, unreadable, truncated or altered file (``checksum``
+    mismatch) or one that holds no dict is a one-line error naming the file."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{what} {path} is a folder, not a checkpoint file")
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path}")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:   # zip, pickle and EOF errors of any kind: a damaged or foreign file
+        reason = str(err).strip().splitlines()[0][:120] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{what} {path} is not a readable PyTorch checkpoint (truncated, corrupt or "
+                              f"another format: {reason})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{what} {path} holds a {type(obj).__name__}, not a dict of tensors")
+    if "checksum" in obj:
+        saved = obj.pop("checksum")
+        if saved != payload_digest(obj):
+            raise CheckpointError(f"{what} {path} is corrupt: its content does not match its checksum")
+    return obj
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete ``.<name>.tmp<pid>`` files that a killed checkpoint write left (their process is gone)."""
+    removed = []
+    for tmp in Path(folder).glob(".*.tmp*"):
+        pid = tmp.name.rpartition(".tmp")[2]
+        if pid.isdigit() and int(pid) != os.getpid() and not _process_alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def open_run(resume: bool | str, log: "RunLog") -> Path | None:
+    """Start of a run in ``log.out``: remove temporaries of killed checkpoint writes, then find the
+    checkpoint to continue from: ``resume`` True means ``<out>/last.pt`` (none yet: a fresh start, with
+    a note), a string a checkpoint file or run folder (which must exist). None: start afresh."""
+    global _current_run
+    _current_run = log.out
+    if log.enabled:
+        for tmp in remove_stale_temporaries(log.out):
+            log.print(f"removed {tmp}, left by an interrupted checkpoint write")
+    if not resume:
+        return None
+    if isinstance(resume, str):
+        path = Path(resume) / "last.pt" if Path(resume).is_dir() else Path(resume)
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint to resume from not found: {path}")
+        return path
+    path = log.out / "last.pt"
+    if not path.is_file():
+        log.print(f"note: --resume, but {log.out} has no checkpoint yet: starting afresh")
+        return None
+    return path
 
 
 # ----------------------------------------------------------------------------------------------
@@ -315,11 +452,11 @@ class RunLog:
             rows = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["epoch"] <= epochs_done]
             path.write_text("".join(r + "\n" for r in rows))
 
-    def write_summary(self, summary: dict) -> None:
+    def write_summary(self, summary: dict, name: str = "summary.json") -> None:
         if self.enabled:
-            tmp = self.out / ".summary.json.tmp"
+            tmp = self.out / f".{name}.tmp"
             tmp.write_text(json.dumps(summary, indent=2) + "\n")
-            os.replace(tmp, self.out / "summary.json")
+            os.replace(tmp, self.out / name)
 
 
 class Progress:
@@ -517,7 +654,8 @@ def evaluate(distiller, batches, amp_dtype: torch.dtype | None, device: torch.de
 # ----------------------------------------------------------------------------------------------
 # fit: train, evaluate, checkpoint, resume; the loop every script shares
 # ----------------------------------------------------------------------------------------------
-RESUME_MAY_CHANGE = {"epochs", "log_every", "eval_every", "device", "data_dir", "download", "eval_batch_size"}
+RESUME_MAY_CHANGE = {"epochs", "log_every", "eval_every", "device", "data_dir", "download", "eval_batch_size", "out",
+                     "save_every"}
 # Always in summary.json (None where there is no teacher); the two-class scores only for two-class tasks.
 SUMMARY_KEYS = ("top1", "teacher_top1", "kl", "gap", "agreement", "pl", "cka_logits", "cka_features", "batch_time_ms")
 TWO_CLASS_KEYS = ("f1", "mcc", "teacher_f1", "teacher_mcc")
@@ -527,7 +665,7 @@ def check_finite(sums: torch.Tensor, names: list[str], epoch: int, step: int) ->
     if not bool(torch.isfinite(sums).all()):
         bad = [n for n, v in zip(names, sums.tolist()) if not math.isfinite(v)]
         raise NonFiniteLoss(f"non-finite loss ({', '.join(bad)}) in epoch {epoch + 1} by step {step + 1}; "
-                            f"the last checkpoint (end of epoch {epoch}) is left intact")
+                            f"the last checkpoint is left intact")
 
 
 def check_resumable(saved: dict, now: dict) -> None:
@@ -546,45 +684,77 @@ def format_epoch(m: dict) -> str:
     return " | ".join(parts)
 
 
+def load_resume_checkpoint(path: Path) -> dict:
+    """``load_file`` for resuming; when the checkpoint is damaged, the message says whether ``best.pt``
+    beside it is intact (and from which epoch), since that one can be copied over it."""
+    try:
+        return load_file(path, "checkpoint to resume from")
+    except CheckpointError as err:
+        best = path.with_name("best.pt")
+        try:
+            hint = f"; {best} is intact (epoch {load_file(best, 'best')['epoch']}): copy it over {path.name} " \
+                   f"to continue from there"
+        except (CheckpointError, FileNotFoundError, KeyError):
+            hint = ""
+        raise CheckpointError(f"{err}{hint}") from None
+
+
 def fit(cfg, dist_info: Dist, distiller, optimizer: torch.optim.Optimizer, train, test,
-        amp_dtype: torch.dtype | None, log: RunLog, resume: bool = False) -> dict:
+        amp_dtype: torch.dtype | None, log: RunLog, resume: Path | None = None) -> dict:
     """Train ``distiller`` for ``cfg.epochs`` and return the summary.
 
     ``train`` / ``test``: ``len()`` batches and ``epoch(e)`` yielding ``(x, y, index)`` on the device.
     ``cfg`` supplies epochs, lr_schedule, lr_milestones, lr_decay, warmup_epochs, log_every,
-    eval_every, cuda_graph and out. Writes config.yaml, metrics.jsonl, last.pt and best.pt (atomically,
-    at the end of every epoch); ``resume`` continues from ``<out>/last.pt``.
+    eval_every, cuda_graph, out and (optionally) save_every. Writes config.yaml, metrics.jsonl, last.pt
+    and best.pt (atomically, at the end of every epoch, and last.pt also every ``save_every`` steps
+    inside an epoch); ``resume`` is the checkpoint to continue from (``open_run``).
     """
     device = dist_info.device
     updated_params = distiller.updated_params()
     if dist_info.world > 1:
         wrap_ddp(distiller, dist_info)
     step = TrainStep(distiller, optimizer, amp_dtype, device, cuda_graph=cfg.cuda_graph)
+    save_every = getattr(cfg, "save_every", 0)
 
-    start_epoch, best, history = 0, -math.inf, {}
+    start_epoch, start_step, saved_sums, best, history = 0, 0, None, -math.inf, {}
     last_path, best_path = Path(cfg.out) / "last.pt", Path(cfg.out) / "best.pt"
-    if resume:
-        ckpt = load_file(last_path, "checkpoint to resume from")
+    if resume is not None:
+        ckpt = load_resume_checkpoint(Path(resume))
         check_resumable(ckpt["config"], config_dict(cfg))
         load_distiller_state(distiller, ckpt["distiller"])
         optimizer.load_state_dict(ckpt["optimizer"])
         start_epoch, best, history = ckpt["epoch"], ckpt["best_top1"], ckpt["history"]
+        start_step, saved_sums = ckpt.get("step", 0), ckpt.get("loss_sums")
         set_rng_state(ckpt["rng"])
         log.truncate_metrics(start_epoch)
-        log.print(f"resumed from {last_path} at epoch {start_epoch}")
+        log.print(f"resumed from {resume} at epoch {start_epoch}" + (f", step {start_step}" if start_step else ""))
     log.write_config(config_dict(cfg))
     if "teacher_top1_initial" not in history and distiller.teacher is not None:
         history["teacher_top1_initial"] = evaluate(distiller, test, amp_dtype, device)["teacher_top1"]
         log.print(f"teacher top-1 before training: {history['teacher_top1_initial']:.2f}")
 
-    progress = Progress((cfg.epochs - start_epoch) * len(train), log, cfg.log_every)
+    def checkpoint(epochs_done: int, steps_done: int = 0, sums: torch.Tensor | None = None) -> dict:
+        """Everything to continue bit-identically; mid-epoch also the step and the loss sums so far."""
+        ckpt = {"model": unwrap(distiller.student).state_dict(), "distiller": distiller_state(distiller),
+                "optimizer": optimizer.state_dict(), "epoch": epochs_done, "best_top1": best,
+                "history": history, "rng": rng_state(), "config": config_dict(cfg), "top1": metrics.get("top1")}
+        if steps_done:
+            ckpt.update(step=steps_done, loss_sums=sums.cpu())
+        return ckpt
+
+    progress = Progress((cfg.epochs - start_epoch) * len(train) - start_step, log, cfg.log_every)
     metrics: dict = history.get("last_metrics", {})
     per_step_lr = cfg.lr_schedule != "step" and not step.cuda_graph
     lr_now = None
     for epoch in range(start_epoch, cfg.epochs):
         distiller.train()
         sums, started = None, time.perf_counter()
-        for i, (x, y, index) in enumerate(train.epoch(epoch)):
+        skip = start_step if epoch == start_epoch else 0
+        if skip:   # rank 0 saved the sums of all ranks; the others continue from zero
+            sums = saved_sums.to(device) if dist_info.main else torch.zeros_like(saved_sums, device=device)
+        # Skipped batches are still drawn, so that the epoch's order and augmentation stay the same.
+        batches = itertools.islice(train.epoch(epoch), skip, None)
+        for i, (x, y, index) in enumerate(batches, start=skip):
             at, size = (epoch + i / len(train), 1 / len(train)) if per_step_lr else (epoch, 1.0)
             factor = lr_factor(at, cfg.epochs, cfg.lr_schedule, cfg.lr_milestones, cfg.lr_decay, cfg.warmup_epochs,
                                size)
@@ -599,6 +769,11 @@ def fit(cfg, dist_info: Dist, distiller, optimizer: torch.optim.Optimizer, train
                 check_finite(sums, step.names, epoch, i)
             progress.step(epoch, cfg.epochs, i, len(train),
                           float(sums[0]) / (i + 1) if (i + 1) % cfg.log_every == 0 or last else None)
+            if save_every and (i + 1) % save_every == 0 and not last:
+                check_finite(sums, step.names, epoch, i)
+                global_sums = all_reduce_sum(sums.clone())
+                if dist_info.main:
+                    save_atomic(checkpoint(epoch, i + 1, global_sums), last_path)
         if device.type == "cuda":
             torch.cuda.synchronize()
         train_time = time.perf_counter() - started
@@ -608,17 +783,15 @@ def fit(cfg, dist_info: Dist, distiller, optimizer: torch.optim.Optimizer, train
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
             metrics.update(evaluate(distiller, test, amp_dtype, device))
         metrics.update({f"lr_{g['name']}": g["lr"] for g in optimizer.param_groups})
-        metrics.update(epoch_time_s=time.perf_counter() - started, batch_time_ms=1000 * train_time / len(train))
+        metrics.update(epoch_time_s=time.perf_counter() - started,
+                       batch_time_ms=1000 * train_time / max(len(train) - skip, 1))
         log.append_metrics(metrics)
         log.print(format_epoch(metrics))
         history["last_metrics"] = metrics
         is_best = metrics.get("top1", -math.inf) > best
         best = max(best, metrics.get("top1", -math.inf))
         if dist_info.main:
-            ckpt = {"model": unwrap(distiller.student).state_dict(), "distiller": distiller_state(distiller),
-                    "optimizer": optimizer.state_dict(), "epoch": epoch + 1, "best_top1": best,
-                    "history": history, "rng": rng_state(), "config": config_dict(cfg),
-                    "top1": metrics.get("top1")}
+            ckpt = checkpoint(epoch + 1)
             save_atomic(ckpt, last_path)
             if is_best:
                 save_atomic(ckpt, best_path)
@@ -629,7 +802,8 @@ def fit(cfg, dist_info: Dist, distiller, optimizer: torch.optim.Optimizer, train
 
 def benchmark(cfg, dist_info: Dist, distiller, optimizer: torch.optim.Optimizer, batches,
               amp_dtype: torch.dtype | None, log: RunLog) -> dict:
-    """Time ``cfg.benchmark_steps`` training steps after 10 warm-up steps; print and save the result."""
+    """Time ``cfg.benchmark_steps`` training steps after 10 warm-up steps; print the result and save it as
+    ``<out>/benchmark.json`` (never a run's summary.json, config.yaml or checkpoints)."""
     device = dist_info.device
     updated_params = distiller.updated_params()
     if dist_info.world > 1:
@@ -655,5 +829,5 @@ def benchmark(cfg, dist_info: Dist, distiller, optimizer: torch.optim.Optimizer,
               "updated_params": updated_params}
     log.print(f"{cfg.method}: batch {batch}, {result['amp']}, graph={step.cuda_graph}, {result['device']}: "
               f"{ms:.2f} ms/step, {result['images_per_s']:.0f} samples/s")
-    log.write_summary(result)
+    log.write_summary(result, "benchmark.json")
     return result

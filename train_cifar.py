@@ -1,9 +1,9 @@
 """CIFAR-100 experiments of the PESF-KD paper (Tables 1, 4, 7, 8, 10, 12, 14).
 
     python train_cifar.py --quickstart
-    python train_cifar.py --config configs/cifar/teacher_resnet56.yaml
-    python train_cifar.py --config configs/cifar/pesf_resnet56_resnet20.yaml --teacher-ckpt runs/teacher_resnet56/best.pt
-    torchrun --nproc_per_node=2 train_cifar.py --method kd --teacher-ckpt T.pt
+    python train_cifar.py --config configs/cifar/teachers/resnet56.yaml
+    python train_cifar.py --config configs/cifar/resnet56_resnet20/pesf.yaml --teacher-ckpt runs/cifar/teachers/resnet56_s0/last.pt
+    torchrun --nproc_per_node=2 train_cifar.py --method kd --teacher-ckpt runs/cifar/teachers/resnet56_s0/last.pt
 
 Reads top to bottom: parse config -> build data -> build models -> build method -> train and
 evaluate -> write results. The whole data set lives on the device as uint8; crop, flip and
@@ -25,8 +25,10 @@ import torch.nn as nn
 
 import engine
 import models
-from distillers import DistillConfig, build_distiller, needs_teacher
+from distillers import DistillConfig, build_distiller, method_names, needs_teacher
 from distillers.feature import run_init_stage
+from distillers.nlp import FACTORIES as BERT_ONLY_TERMS
+from models.cifar import MODELS as CIFAR_MODELS
 
 CIFAR_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR_STD = (0.2673, 0.2564, 0.2762)
@@ -75,6 +77,7 @@ class CifarConfig:
     eval_every: int = 1                     # epochs between test-set evaluations (the last always runs)
     limit_batches: int = 0                  # train and eval batches per epoch (smoke runs)
     benchmark_steps: int = 0
+    save_every: int = 0                     # steps between mid-epoch checkpoints (last.pt); 0: epoch ends only
     log_every: int = 100
 
 
@@ -186,7 +189,7 @@ def build_models(cfg: CifarConfig, log: engine.RunLog) -> tuple[nn.Module, nn.Mo
     else:
         teacher = models.build_model(cfg.teacher, NUM_CLASSES)
     if cfg.teacher_ckpt:
-        models.load_checkpoint(teacher, cfg.teacher_ckpt)
+        models.load_checkpoint(teacher, engine.load_file(cfg.teacher_ckpt, "teacher checkpoint"))
     elif cfg.benchmark_steps:
         log.print("note: no --teacher-ckpt; benchmarking with a randomly initialised teacher")
     else:
@@ -223,10 +226,11 @@ def run_folder(cfg: CifarConfig) -> str:
     return f"runs/cifar/{cfg.method}_{pair}_s{cfg.seed}"
 
 
-def run(cfg: CifarConfig, resume: bool = False) -> dict:
+def run(cfg: CifarConfig, resume: bool | str = False) -> dict:
     dist = engine.init_distributed(cfg.device)
     cfg, amp_dtype = resolve(cfg, dist)
     log = engine.RunLog(cfg.out, enabled=dist.main)
+    resume_from = None if cfg.benchmark_steps else engine.open_run(resume, log)
     engine.seed_everything(cfg.seed)
 
     # Data
@@ -254,12 +258,12 @@ def run(cfg: CifarConfig, resume: bool = False) -> dict:
     distiller.to(dist.device)
     if cfg.channels_last:
         distiller.to(memory_format=torch.channels_last)
-    if not resume and not cfg.benchmark_steps:   # checkpoints come after the stage: a resumed run is past it
+    if resume_from is None and not cfg.benchmark_steps:   # checkpoints come after the stage: a resumed run is past it
         run_init_stage(distiller, train, lambda params, lr: sgd(params, lr, cfg), amp_dtype, log.print)
     optimizer = sgd(engine.param_groups(distiller), cfg.lr, cfg)
     if cfg.benchmark_steps:
         return engine.benchmark(cfg, dist, distiller, optimizer, train, amp_dtype, log)
-    summary = engine.fit(cfg, dist, distiller, optimizer, train, test, amp_dtype, log, resume=resume)
+    summary = engine.fit(cfg, dist, distiller, optimizer, train, test, amp_dtype, log, resume=resume_from)
     summary.update(method=cfg.method, teacher=cfg.teacher if teacher is not None else None, student=cfg.student,
                    epochs=cfg.epochs, seed=cfg.seed)
     log.write_summary(summary)
@@ -311,10 +315,21 @@ def quickstart(base: CifarConfig) -> None:
 # Command line
 # ----------------------------------------------------------------------------------------------
 def parse_args(argv=None) -> tuple[CifarConfig, argparse.Namespace]:
+    methods = [m for m in method_names() if not any(term in m for term in BERT_ONLY_TERMS)]
     p = engine.arg_parser(__doc__, "configs/cifar/", [
-        ("method", str), ("teacher", str), ("student", str), ("teacher-ckpt", str), ("data-dir", str),
-        ("out", str), ("epochs", int), ("batch-size", int), ("seed", int), ("device", str), ("limit-batches", int),
-        ("benchmark-steps", int)])
+        ("method", str, f"distillation method (default kd): {', '.join(methods)}"),
+        ("teacher", str, f"teacher architecture (default resnet56): {', '.join(CIFAR_MODELS)}"),
+        ("student", str, "student architecture (default resnet20), one of the teacher's list"),
+        ("teacher-ckpt", str, "the teacher's weights: a ce run's last.pt, or a RepDistiller checkpoint"),
+        ("data-dir", str, "folder holding cifar-100-python/ (default $PESF_DATA or ./data)"),
+        ("out", str, "run folder (default from the config path, or runs/cifar/<method>_<pair>_s<seed>)"),
+        ("epochs", int, "training epochs (default 240)"),
+        ("batch-size", int, "global batch size, split across processes (default 64)"),
+        ("seed", int, "random seed (default 0)"),
+        ("device", str, "auto (CUDA when available), cpu, cuda or cuda:N"),
+        ("limit-batches", int, "train and test batches per epoch, for smoke runs (default 0: all)"),
+        ("benchmark-steps", int, "time this many steps on synthetic data, write <out>/benchmark.json and stop"),
+        ("save-every", int, "also write last.pt every N steps inside an epoch (default 0: epoch ends only)")])
     p.add_argument("--download", action="store_true", default=None, help="fetch CIFAR-100 with torchvision")
     p.add_argument("--quickstart", action="store_true", help="teacher, then ce/kd/pesf students, and a table")
     p.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2,...",
@@ -324,6 +339,8 @@ def parse_args(argv=None) -> tuple[CifarConfig, argparse.Namespace]:
 
 def sweep(args: argparse.Namespace, base: CifarConfig) -> None:
     """One run per combination of the --sweep values, each in <out>/<key>=<value>..., then a table."""
+    if isinstance(args.resume, str):
+        raise engine.ConfigError("--resume PATH continues one run; a sweep continues with --resume alone")
     axes = []
     for item in args.sweep:
         key, sep, values = item.partition("=")
@@ -335,7 +352,7 @@ def sweep(args: argparse.Namespace, base: CifarConfig) -> None:
     for combo in itertools.product(*axes):
         overrides = {**args.overrides, "out": str(root / "_".join(combo))}
         cfg = engine.build_config(CifarConfig, args.config, [*args.set, *combo], overrides)
-        rows.append((combo, run(cfg, resume=args.resume and (Path(cfg.out) / "last.pt").exists())))
+        rows.append((combo, run(cfg, resume=bool(args.resume))))
     print("\n| run | top-1 | best top-1 | teacher top-1 | gap | KL | agreement |\n|---|---|---|---|---|---|---|")
     for combo, s in rows:
         cells = [s.get(k) for k in ("top1", "best_top1", "teacher_top1", "gap", "kl", "agreement")]

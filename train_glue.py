@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 from dataclasses import dataclass, field
@@ -68,8 +69,10 @@ class GlueConfig:
     cuda_graph: bool = False                # must stay off: batch shapes vary (dynamic padding)
     backend: str = "auto"                   # kd_core backend: auto | torch | triton
     eval_every: int = 1                     # epochs between dev-set evaluations (the last always runs)
-    limit_batches: int = 0                  # train and eval batches per epoch (smoke runs)
+    limit_batches: int = 0                  # training batches per epoch (smoke runs); evaluation: eval_subset
+    eval_subset: int = 0                    # evaluate on N dev rows drawn at random (seeded; 0: all rows)
     benchmark_steps: int = 0                # time this many steps on the real training data and stop
+    save_every: int = 0                     # steps between mid-epoch checkpoints (last.pt); 0: epoch ends only
     log_every: int = 50
 
 
@@ -133,8 +136,17 @@ def read_glue_tsv(path: str | Path, task: GlueTask) -> GlueSplit:
     """One GLUE TSV split. No quoting (GLUE sentences contain bare quotes); rows that lack a column or
     have a label outside ``task.labels`` are skipped and counted."""
     path = Path(path)
-    with open(path, encoding="utf-8-sig") as f:    # -sig: some MRPC copies start with a byte-order mark
-        rows = [line.rstrip("\r\n").split("\t") for line in f if line.strip()]
+    try:
+        with open(path, encoding="utf-8-sig") as f:    # -sig: some MRPC copies start with a byte-order mark
+            rows = [line.rstrip("\r\n").split("\t") for line in f if line.strip()]
+    except UnicodeDecodeError:
+        raw = path.read_bytes()
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as err:   # on the whole file, so that err.start is the byte's offset
+            line = raw[:err.start].count(b"\n") + 1
+            raise engine.ConfigError(f"{path}, line {line}: not valid UTF-8 (byte 0x{raw[err.start]:02x})") from None
+        raise
     if task.header:
         header, rows = rows[0], rows[1:]
         missing = [c for c in (*task.text, task.label) if c not in header]
@@ -172,6 +184,10 @@ def load_glue(data_dir: str | Path, task: GlueTask, log=print) -> dict[str, Glue
     return splits
 
 
+def take_rows(split: GlueSplit, rows: torch.Tensor) -> GlueSplit:
+    return GlueSplit([[column[i] for i in rows.tolist()] for column in split.texts], split.labels[rows], split.skipped)
+
+
 @dataclass
 class Encoded:
     """Token ids of every row, concatenated without padding (a row is ``offsets[i]:offsets[i]+lengths[i]``)."""
@@ -195,6 +211,8 @@ def encode(split: GlueSplit, tokenizer, max_length: int, chunk: int = 4096) -> E
         types.append(enc["token_type_ids"][mask].to(torch.int8))
         lengths.append(mask.sum(1))
     lengths = torch.cat(lengths)
+    if int(lengths.max()) > max_length:   # the tokenizer leaves rows whole when max_length is below its specials
+        raise engine.ConfigError(f"max_length {max_length} cannot hold a row ({int(lengths.max())} tokens)")
     return Encoded(torch.cat(ids), torch.cat(types), torch.cumsum(lengths, 0) - lengths, lengths, split.labels,
                    tokenizer.pad_id)
 
@@ -258,12 +276,10 @@ def build_models(cfg: GlueConfig, num_classes: int,
     if cfg.student:
         student = BertForSequenceClassification.from_pretrained(cfg.student, num_classes)
     else:
-        depth = teacher.config.num_hidden_layers
-        layers = [i for i in cfg.student_layers if 0 <= i < depth]
-        if not layers:
-            raise engine.ConfigError(f"none of student_layers {cfg.student_layers} exists in the {depth}-layer teacher")
+        layers = used_student_layers(cfg.student_layers, teacher.config.num_hidden_layers)
         if layers != cfg.student_layers:
-            log.print(f"note: the teacher has {depth} layers; student from teacher layers {layers}")
+            log.print(f"note: the teacher has {teacher.config.num_hidden_layers} layers; student from teacher "
+                      f"layers {layers}")
         # The student copies the teacher's weights, not its adapters (those are built empty).
         student = student_from_teacher(teacher, layers)
     return student, teacher if needs_teacher(cfg.method) else None
@@ -290,15 +306,52 @@ def resolve(cfg: GlueConfig, dist: engine.Dist) -> tuple[GlueConfig, torch.dtype
     if not cfg.teacher and not cfg.student:
         raise engine.ConfigError("pass --student FOLDER (a Hugging Face BERT folder) or --teacher FOLDER to take "
                                  "the student's layers from")
+    task = task_name(cfg.task)
+    # The model folders are checked before the data is read and tokenised (minutes for the large tasks).
+    models = {what: model_folder_config(folder, what, tokenizer=folder == (cfg.teacher or cfg.student))
+              for what, folder in (("teacher", cfg.teacher), ("student", cfg.student)) if folder}
     if cfg.teacher and cfg.student and (Path(cfg.student) / "vocab.txt").is_file() \
             and (Path(cfg.student) / "vocab.txt").read_bytes() != (Path(cfg.teacher) / "vocab.txt").read_bytes():
         raise engine.ConfigError(f"{cfg.student} and {cfg.teacher} have different vocabularies; the data is "
                                  f"tokenised once, with the teacher's")
+    specials = 1 + len(TASKS[task].text)            # [CLS] a [SEP] (b [SEP])
+    positions = min(c.get("max_position_embeddings", 512) for c in models.values())
+    if not specials <= cfg.max_length <= positions:
+        raise engine.ConfigError(f"max_length must be between {specials} and {positions} (the models' "
+                                 f"max_position_embeddings) for {task}, got {cfg.max_length}")
+    if not cfg.student:
+        layers = used_student_layers(cfg.student_layers, models["teacher"].get("num_hidden_layers", 12))
+        cfg = dataclasses.replace(cfg, student_layers=layers)
     amp, amp_dtype = engine.resolve_amp(cfg.amp, dist.device)
-    cfg = dataclasses.replace(cfg, task=task_name(cfg.task), amp=amp,
+    cfg = dataclasses.replace(cfg, task=task, amp=amp,
                               warmup_epochs=0.1 * cfg.epochs if cfg.warmup_epochs is None else cfg.warmup_epochs)
     cfg = dataclasses.replace(cfg, out=cfg.out or default_out(cfg))
     return cfg, amp_dtype
+
+
+def model_folder_config(folder: str, what: str, tokenizer: bool) -> dict:
+    """The ``config.json`` of a Hugging Face BERT folder, after checking that the folder has its files."""
+    path = Path(folder)
+    if not path.is_dir():
+        raise DataNotFound(f"{what} folder not found: {path} (a Hugging Face BERT folder: config.json, vocab.txt, "
+                           f"model.safetensors or pytorch_model.bin)")
+    missing = [name for name in ("config.json", *(("vocab.txt",) if tokenizer else ())) if not (path / name).is_file()]
+    if not any((path / name).is_file() for name in ("model.safetensors", "pytorch_model.bin")):
+        missing.append("model.safetensors or pytorch_model.bin")
+    if missing:
+        raise DataNotFound(f"{what} folder {path} has no {', '.join(missing)} (not a Hugging Face BERT folder)")
+    try:
+        return json.loads((path / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise engine.ConfigError(f"{path / 'config.json'} is not valid JSON ({err})") from None
+
+
+def used_student_layers(requested: list[int], depth: int) -> list[int]:
+    """The teacher layers of ``requested`` that exist in a ``depth``-layer teacher (an error if none)."""
+    layers = [i for i in requested if 0 <= i < depth]
+    if not layers:
+        raise engine.ConfigError(f"none of student_layers {requested} exists in the {depth}-layer teacher")
+    return layers
 
 
 def default_out(cfg: GlueConfig) -> str:
@@ -308,25 +361,32 @@ def default_out(cfg: GlueConfig) -> str:
     return f"runs/glue/{cfg.task}/{cfg.method}{variant}_{student}_s{cfg.seed}"
 
 
-def run(cfg: GlueConfig, resume: bool = False) -> dict:
+def run(cfg: GlueConfig, resume: bool | str = False) -> dict:
     dist = engine.init_distributed(cfg.device)
     cfg, amp_dtype = resolve(cfg, dist)
     log = engine.RunLog(cfg.out, enabled=dist.main)
+    resume_from = None if cfg.benchmark_steps else engine.open_run(resume, log)
     engine.seed_everything(cfg.seed)
     task = TASKS[cfg.task]
 
     # Data
     splits = load_glue(cfg.data_dir, task, log.print)
     if cfg.train_subset:
-        train_split = splits["train"]
-        splits["train"] = GlueSplit([c[:cfg.train_subset] for c in train_split.texts],
-                                    train_split.labels[:cfg.train_subset], train_split.skipped)
+        splits["train"] = take_rows(splits["train"], torch.arange(min(cfg.train_subset, len(splits["train"].labels))))
+    dev_rows = len(splits["dev"].labels)
+    if 0 < cfg.eval_subset < dev_rows:
+        # A random subset, not the first rows: evaluation runs in order of length, so any prefix of
+        # its batches would favour the short rows.
+        rows = torch.randperm(dev_rows, generator=torch.Generator().manual_seed(cfg.seed))[:cfg.eval_subset]
+        splits["dev"] = take_rows(splits["dev"], rows.sort().values)
+        log.print(f"partial evaluation: {cfg.eval_subset} of {dev_rows} dev rows drawn at random (eval_subset); "
+                  f"the scores are estimates")
     tokenizer = load_tokenizer(cfg.teacher or cfg.student, cfg.max_length)
     data = {split: encode(s, tokenizer, cfg.max_length) for split, s in splits.items()}
     train = GlueBatches(data["train"], cfg.batch_size, dist.device, train=True, seed=cfg.seed, rank=dist.rank,
                         world=dist.world, limit=cfg.limit_batches)
     dev = GlueBatches(data["dev"], max(1, cfg.eval_batch_size // dist.world), dist.device, train=False,
-                      rank=dist.rank, world=dist.world, limit=cfg.limit_batches)
+                      rank=dist.rank, world=dist.world)
     if len(train) == 0:
         raise engine.ConfigError(f"no full training batch: {len(train.labels)} rows, batch size {cfg.batch_size}")
     log.print(f"{task.folder}: {len(train.labels)} train / {len(dev.labels)} dev rows, {len(task.labels)} classes")
@@ -336,19 +396,19 @@ def run(cfg: GlueConfig, resume: bool = False) -> dict:
     distiller = build_distiller(cfg.method, student, teacher, DistillConfig.from_run_config(cfg),
                                 train_labels=train.labels)
     distiller.to(dist.device)
-    if not resume and not cfg.benchmark_steps:   # tinybert's intermediate-layer step; checkpoints come after it
+    if resume_from is None and not cfg.benchmark_steps:   # tinybert's intermediate-layer step; checkpoints come after it
         run_init_stage(distiller, train, lambda params, lr: adamw([{"params": params}], lr, cfg.weight_decay),
                        amp_dtype, log.print)
     optimizer = adamw(engine.param_groups(distiller), cfg.lr, cfg.weight_decay)
     if cfg.benchmark_steps:
         return engine.benchmark(cfg, dist, distiller, optimizer, train, amp_dtype, log)
-    summary = engine.fit(cfg, dist, distiller, optimizer, train, dev, amp_dtype, log, resume=resume)
+    summary = engine.fit(cfg, dist, distiller, optimizer, train, dev, amp_dtype, log, resume=resume_from)
 
     # The last epoch's models as Hugging Face folders: a ce run's student is the teacher of later runs.
     if dist.main:
-        engine.unwrap(distiller.student).save_pretrained(Path(cfg.out) / "student")
+        engine.unwrap(distiller.student).save_pretrained(Path(cfg.out) / "student", task.labels)
         if teacher is not None and distiller.teacher_mode != "frozen":
-            engine.unwrap(distiller.teacher).save_pretrained(Path(cfg.out) / "teacher")
+            engine.unwrap(distiller.teacher).save_pretrained(Path(cfg.out) / "teacher", task.labels)
     summary.update(task=cfg.task, metric=task.metric, score=summary.get(task.metric), method=cfg.method,
                    teacher=cfg.teacher if teacher is not None else None,
                    student=cfg.student or f"teacher layers {cfg.student_layers}", epochs=cfg.epochs, seed=cfg.seed)
@@ -360,10 +420,24 @@ def run(cfg: GlueConfig, resume: bool = False) -> dict:
 # Command line
 # ----------------------------------------------------------------------------------------------
 def parse_args(argv=None) -> tuple[GlueConfig, argparse.Namespace]:
+    methods = ("ce", "kd", "ftkd", "pesf", "dml", "kdcl", "pkd", "pesf+pkd", "tinybert", "pesf+tinybert")
     p = engine.arg_parser(__doc__, "configs/glue/", [
-        ("task", str), ("method", str), ("teacher", str), ("student", str), ("data-dir", str), ("out", str),
-        ("epochs", int), ("batch-size", int), ("max-length", int), ("seed", int), ("device", str),
-        ("limit-batches", int), ("benchmark-steps", int)])
+        ("task", str, f"GLUE task (default rte): {', '.join(TASKS)}"),
+        ("method", str, f"distillation method (default kd): {', '.join(methods)}"),
+        ("teacher", str, "fine-tuned teacher, a Hugging Face BERT folder (a ce run's <out>/student)"),
+        ("student", str, "student BERT folder (default: teacher layers student_layers)"),
+        ("data-dir", str, "folder holding the GLUE task folders (default $PESF_GLUE or ./data/glue)"),
+        ("out", str, "run folder (default runs/glue/<task>/<method>_<student>_s<seed>)"),
+        ("epochs", int, "training epochs (default 4)"),
+        ("batch-size", int, "global batch size, split across processes (default 32)"),
+        ("max-length", int, "tokens per row, longest-first truncation (default 128; at most the model's "
+                            "max_position_embeddings)"),
+        ("seed", int, "random seed (default 0)"),
+        ("device", str, "auto (CUDA when available), cpu, cuda or cuda:N"),
+        ("limit-batches", int, "training batches per epoch, for smoke runs (default 0: all)"),
+        ("eval-subset", int, "evaluate on N dev rows drawn at random, said in the output (default 0: all)"),
+        ("benchmark-steps", int, "time this many steps on the training data, write <out>/benchmark.json and stop"),
+        ("save-every", int, "also write last.pt every N steps inside an epoch (default 0: epoch ends only)")])
     return engine.parse_config(GlueConfig, p, argv)
 
 

@@ -23,8 +23,10 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 import engine
 import models
-from distillers import DistillConfig, build_distiller, needs_teacher
+from distillers import DistillConfig, build_distiller, method_names, needs_teacher
 from distillers.feature import run_init_stage
+from distillers.nlp import FACTORIES as BERT_ONLY_TERMS
+from models.imagenet import MODELS as IMAGENET_MODELS
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -73,6 +75,7 @@ class ImagenetConfig:
     eval_every: int = 1
     limit_batches: int = 0
     benchmark_steps: int = 0
+    save_every: int = 0                     # steps between mid-epoch checkpoints (last.pt); 0: epoch ends only
     log_every: int = 100
 
 
@@ -116,8 +119,10 @@ class LoaderBatches:
                  rank: int, world: int, workers: int, limit: int = 0, channels_last: bool = False) -> None:
         if train and batch_size % world:
             raise ValueError(f"batch_size {batch_size} must be divisible by the number of processes {world}")
-        self.sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=train, seed=seed,
-                                          drop_last=train)
+        # Evaluation shards every image exactly once: DistributedSampler would pad the last shard with
+        # repeated images, which then count twice in the accuracy.
+        self.sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed,
+                                          drop_last=True) if train else range(rank, len(dataset), world)
         self.loader = DataLoader(dataset, batch_size=batch_size // world if train else batch_size,
                                  sampler=self.sampler, num_workers=workers, pin_memory=device.type == "cuda",
                                  drop_last=train, persistent_workers=workers > 0)
@@ -130,7 +135,8 @@ class LoaderBatches:
         return min(len(self.loader), self.limit) if self.limit else len(self.loader)
 
     def epoch(self, epoch: int):
-        self.sampler.set_epoch(epoch)
+        if isinstance(self.sampler, DistributedSampler):
+            self.sampler.set_epoch(epoch)
         for i, (x, y, index) in enumerate(self.loader):
             if i == len(self):
                 return
@@ -169,7 +175,7 @@ def build_models(cfg: ImagenetConfig, num_classes: int, log: engine.RunLog) -> t
         if cfg.method.split("+")[0] == "pesf" else {}
     if cfg.teacher_ckpt:
         teacher = models.build_model(cfg.teacher, num_classes, **adapter)
-        models.load_checkpoint(teacher, cfg.teacher_ckpt)
+        models.load_checkpoint(teacher, engine.load_file(cfg.teacher_ckpt, "teacher checkpoint"))
     elif cfg.teacher_weights:
         if num_classes != 1000:
             raise engine.ConfigError(f"teacher_weights {cfg.teacher_weights!r} are for 1000 classes, the data has "
@@ -179,6 +185,9 @@ def build_models(cfg: ImagenetConfig, num_classes: int, log: engine.RunLog) -> t
         except OSError as err:   # no network or cache: say what to do instead of a urllib traceback
             raise engine.ConfigError(f"could not load torchvision weights {cfg.teacher_weights!r} ({err}); put "
                                      f"them in the torch hub cache or pass --teacher-ckpt") from None
+        except KeyError:
+            raise engine.ConfigError(f"unknown torchvision weights {cfg.teacher_weights!r} for {cfg.teacher} (e.g. "
+                                     f"IMAGENET1K_V1, IMAGENET1K_V2)") from None
     elif cfg.benchmark_steps:
         log.print("note: no teacher weights; benchmarking with a randomly initialised teacher")
         teacher = models.build_model(cfg.teacher, num_classes, **adapter)
@@ -196,10 +205,11 @@ def resolve(cfg: ImagenetConfig, dist: engine.Dist) -> tuple[ImagenetConfig, tor
     return cfg, amp_dtype
 
 
-def run(cfg: ImagenetConfig, resume: bool = False) -> dict:
+def run(cfg: ImagenetConfig, resume: bool | str = False) -> dict:
     dist = engine.init_distributed(cfg.device)
     cfg, amp_dtype = resolve(cfg, dist)
     log = engine.RunLog(cfg.out, enabled=dist.main)
+    resume_from = None if cfg.benchmark_steps else engine.open_run(resume, log)
     engine.seed_everything(cfg.seed)
 
     # Data
@@ -231,14 +241,14 @@ def run(cfg: ImagenetConfig, resume: bool = False) -> dict:
     def sgd(params, lr: float) -> torch.optim.SGD:
         return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
-    if not resume and not cfg.benchmark_steps:   # checkpoints come after the stage: a resumed run is past it
+    if resume_from is None and not cfg.benchmark_steps:   # checkpoints come after the stage: a resumed run is past it
         run_init_stage(distiller, train, sgd, amp_dtype, log.print)
     optimizer = sgd(engine.param_groups(distiller), cfg.lr)
 
     # Train and evaluate
     if cfg.benchmark_steps:
         return engine.benchmark(cfg, dist, distiller, optimizer, train, amp_dtype, log)
-    summary = engine.fit(cfg, dist, distiller, optimizer, train, test, amp_dtype, log, resume=resume)
+    summary = engine.fit(cfg, dist, distiller, optimizer, train, test, amp_dtype, log, resume=resume_from)
     summary.update(method=cfg.method, teacher=cfg.teacher if teacher is not None else None, student=cfg.student,
                    epochs=cfg.epochs, seed=cfg.seed, num_classes=num_classes)
     log.write_summary(summary)
@@ -246,10 +256,22 @@ def run(cfg: ImagenetConfig, resume: bool = False) -> dict:
 
 
 def parse_args(argv=None) -> tuple[ImagenetConfig, argparse.Namespace]:
+    methods = [m for m in method_names() if not any(term in m for term in BERT_ONLY_TERMS)]
     p = engine.arg_parser(__doc__, "configs/imagenet/", [
-        ("method", str), ("teacher", str), ("student", str), ("teacher-ckpt", str), ("data-dir", str),
-        ("out", str), ("epochs", int), ("batch-size", int), ("seed", int), ("device", str), ("limit-batches", int),
-        ("benchmark-steps", int), ("workers", int)])
+        ("method", str, f"distillation method (default kd): {', '.join(methods)}"),
+        ("teacher", str, f"teacher architecture (default resnet50): {', '.join(IMAGENET_MODELS)}"),
+        ("student", str, "student architecture (default resnet18), one of the teacher's list"),
+        ("teacher-ckpt", str, "the teacher's weights (default: torchvision's teacher_weights IMAGENET1K_V1)"),
+        ("data-dir", str, "ImageFolder tree with train/ and val/ (default $PESF_IMAGENET or ./data/imagenet)"),
+        ("out", str, "run folder (default runs/imagenet/<method>_<teacher>_<student>_s<seed>)"),
+        ("epochs", int, "training epochs (default 100)"),
+        ("batch-size", int, "global batch size, split across processes (default 256)"),
+        ("seed", int, "random seed (default 0)"),
+        ("device", str, "auto (CUDA when available), cpu, cuda or cuda:N"),
+        ("limit-batches", int, "train and validation batches per epoch, for smoke runs (default 0: all)"),
+        ("benchmark-steps", int, "time this many steps on synthetic data, write <out>/benchmark.json and stop"),
+        ("workers", int, "data-loading processes per rank (default 8)"),
+        ("save-every", int, "also write last.pt every N steps inside an epoch (default 0: epoch ends only)")])
     return engine.parse_config(ImagenetConfig, p, argv)
 
 

@@ -670,4 +670,8 @@ def run_init_stage(distiller: nn.Module, batches,
                 steps += 1
             mean = float(total) / max(steps, 1)
             log(f"init stage ({type(term).__name__}) epoch {epoch + 1}/{epochs}: loss {mean:.4f}")
+            if not math.isfinite(mean):   # as in the main stage: stop rather than train on NaN for more epochs
+                raise FloatingPointError(f"non-finite loss in the {type(term).__name__} initialisation stage, "
+                                         f"epoch {epoch + 1}/{epochs}; no checkpoint was written (lower the stage's "
+                                         f"lr or use a trained teacher)")
     return epochs

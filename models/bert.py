@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -214,9 +215,14 @@ class BertForSequenceClassification(Adaptable):
     def from_pretrained(cls, folder: str | Path, num_classes: int | None = None, adapter: str | None = None,
                         slot: str = "head", bottleneck: int = 32, **adapter_opts) -> "BertForSequenceClassification":
         """Load a Hugging Face BERT folder (``model.safetensors`` or ``pytorch_model.bin``; keys with or
-        without ``bert.``). A missing pooler or classifier starts fresh, with a warning."""
+        without ``bert.``). A missing pooler or classifier starts fresh, with a warning. Without ``adapter``,
+        the adapters that ``config.json`` records (``pesf_adapter``, a saved PESF-KD teacher) are built."""
         folder = Path(folder)
         raw = json.loads((folder / "config.json").read_text())
+        saved = raw.get("pesf_adapter") or {}
+        if adapter is None and saved.get("adapter"):
+            adapter, slot, bottleneck = saved["adapter"], saved["slot"], saved["bottleneck"]
+            adapter_opts = {**{k: saved[k] for k in ("scale", "alpha") if saved.get(k) is not None}, **adapter_opts}
         if num_classes is None:
             num_classes = raw.get("num_labels", len(raw.get("id2label", {})) or 2)
         model = cls(raw, num_classes, adapter, slot, bottleneck, **adapter_opts)
@@ -229,20 +235,27 @@ class BertForSequenceClassification(Adaptable):
         model.source_folder = folder
         return model
 
-    def save_pretrained(self, folder: str | Path) -> None:
-        """Write ``config.json``, ``model.safetensors`` (adapters included, under their own keys) and the
-        tokenizer files of the folder the model came from, in the Hugging Face layout."""
+    def save_pretrained(self, folder: str | Path, labels: Sequence[str] | None = None) -> None:
+        """Write ``config.json`` (``id2label`` from ``labels``, the task's label names, else ``LABEL_i``),
+        ``model.safetensors`` (adapters included, under their own keys) and the tokenizer files of the
+        folder the model came from, in the Hugging Face layout."""
         from safetensors.torch import save_file
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
+        names = list(labels) if labels is not None else [f"LABEL_{i}" for i in range(self.num_classes)]
+        if len(names) != self.num_classes:
+            raise ValueError(f"{len(names)} label names for {self.num_classes} classes")
         config = {**dataclasses.asdict(self.config), "model_type": "bert",
                   "architectures": ["BertForSequenceClassification"], "num_labels": self.num_classes,
-                  "id2label": {str(i): f"LABEL_{i}" for i in range(self.num_classes)},
-                  "label2id": {f"LABEL_{i}": i for i in range(self.num_classes)},
+                  "id2label": {str(i): name for i, name in enumerate(names)},
+                  "label2id": {name: i for i, name in enumerate(names)},
                   "pesf_adapter": self.adapter_config}
         (folder / "config.json").write_text(json.dumps(config, indent=2))
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()},
-                  str(folder / "model.safetensors"))
+        weights = folder / "model.safetensors"
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, str(weights))
+        umask = os.umask(0)   # safetensors writes 0600; give it the mode of the files written beside it
+        os.umask(umask)
+        weights.chmod(0o666 & ~umask)
         if self.source_folder is not None and self.source_folder.resolve() != folder.resolve():
             for name in TOKENIZER_FILES:
                 if (self.source_folder / name).is_file():

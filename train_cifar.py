@@ -297,18 +297,26 @@ def quickstart(base: CifarConfig) -> None:
                                  download=True, **size)
     print(f"quickstart on {'CUDA' if cuda else 'CPU'}: teacher {teacher}, students {student}, "
           f"{size['epochs']} epochs each, data in {common.data_dir}, outputs in {root}/", flush=True)
-    rows = {}
-    t_cfg = dataclasses.replace(common, method="ce", student=teacher, out=str(root / "teacher"))
-    rows[f"teacher ({teacher}, ce)"] = run(t_cfg)
+    runs = {f"teacher ({teacher}, ce)": dataclasses.replace(common, method="ce", student=teacher,
+                                                              out=str(root / "teacher"))}
     for method in ("ce", "kd", "pesf"):
-        cfg = dataclasses.replace(common, method=method, out=str(root / method),
-                                  teacher_ckpt=str(root / "teacher" / "last.pt"))
-        rows[f"{student} {method}"] = run(cfg)
+        runs[f"{student} {method}"] = dataclasses.replace(common, method=method, out=str(root / method),
+                                                          teacher_ckpt=str(root / "teacher" / "last.pt"))
+    rows = {}
+    for i, (name, cfg) in enumerate(runs.items()):
+        print(f"\n== quickstart run {i + 1}/{len(runs)}: {name}, into {cfg.out}/", flush=True)
+        rows[name] = run(cfg)
     print("\n| run | top-1 | teacher top-1 | gap | KL | agreement | batch ms |\n|---|---|---|---|---|---|---|")
     for name, s in rows.items():
         cells = [s.get("top1"), s.get("teacher_top1"), s.get("gap"), s.get("kl"), s.get("agreement"),
                  s.get("batch_time_ms")]
         print(f"| {name} | " + " | ".join("–" if v is None else f"{v:.2f}" for v in cells) + " |")
+    print("\nWhat to expect: " + (
+        "this is the GPU size (resnet56 -> resnet20, full data, 15 epochs); its numbers have not been measured "
+        "for this README yet." if cuda else
+        "at this CPU size (12,000 images, 4 epochs) the teacher reaches about 14 % top-1 and distillation does "
+        "not help yet: the students are too short-trained for the teacher's soft labels to matter. The GPU "
+        "quickstart (resnet56 -> resnet20, full data, 15 epochs) is the size at which to compare methods."))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -202,6 +202,9 @@ def test_quickstart_cpu_mode_reduced(fake_cifar, tmp_path, capsys):
     assert train_cifar.main(args) == 0
     out = capsys.readouterr().out
     assert "| resnet8 pesf |" in out and "| resnet8 kd |" in out
+    headers = [out.index(f"== quickstart run {i}/4: {name}") for i, name in
+               enumerate(("teacher (resnet14, ce)", "resnet8 ce", "resnet8 kd", "resnet8 pesf"), 1)]
+    assert headers == sorted(headers) and "What to expect: at this CPU size" in out
 
 
 def test_ddp_two_processes_match_one(fake_cifar, teacher_ckpt, tmp_path):

@@ -459,13 +459,25 @@ class RunLog:
             os.replace(tmp, self.out / name)
 
 
-class Progress:
-    """One console line per ``every`` steps with rate and ETA for the whole run."""
+# Runs of about the same size that follow the current one in this process (the quickstart's students),
+# so that the ETA covers them too.
+_runs_to_follow = 0
 
-    def __init__(self, total_steps: int, log: RunLog, every: int = 50) -> None:
+
+def expect_more_runs(count: int) -> None:
+    global _runs_to_follow
+    _runs_to_follow = count
+
+
+class Progress:
+    """One console line per ``every`` steps with rate and ETA for the whole run and for the ``runs_after``
+    runs of its size that follow it; the rate is wall time, so evaluation is counted in."""
+
+    def __init__(self, total_steps: int, log: RunLog, every: int = 50, runs_after: int = 0) -> None:
         self.total = total_steps
         self.log = log
         self.every = max(1, every)
+        self.runs_after = runs_after
         self.start = time.perf_counter()
         self.done = 0
 
@@ -475,8 +487,10 @@ class Progress:
             return
         elapsed = time.perf_counter() - self.start
         rate = self.done / max(elapsed, 1e-9)
-        eta = (self.total - self.done) / max(rate, 1e-9)
+        eta = (self.total - self.done + self.runs_after * self.total) / max(rate, 1e-9)
         msg = f"epoch {epoch + 1}/{epochs} [{i + 1}/{n}] {1000 / rate:.1f} ms/step, ETA {_hms(eta)}"
+        if self.runs_after:
+            msg += f" (this and {self.runs_after} more run{'s' if self.runs_after > 1 else ''})"
         if loss is not None:
             msg += f", loss {loss:.4f}"
         print(msg, file=sys.stdout, flush=True)
@@ -742,7 +756,7 @@ def fit(cfg, dist_info: Dist, distiller, optimizer: torch.optim.Optimizer, train
             ckpt.update(step=steps_done, loss_sums=sums.cpu())
         return ckpt
 
-    progress = Progress((cfg.epochs - start_epoch) * len(train) - start_step, log, cfg.log_every)
+    progress = Progress((cfg.epochs - start_epoch) * len(train) - start_step, log, cfg.log_every, _runs_to_follow)
     metrics: dict = history.get("last_metrics", {})
     per_step_lr = cfg.lr_schedule != "step" and not step.cuda_graph
     lr_now = None

@@ -303,9 +303,13 @@ def quickstart(base: CifarConfig) -> None:
         runs[f"{student} {method}"] = dataclasses.replace(common, method=method, out=str(root / method),
                                                           teacher_ckpt=str(root / "teacher" / "last.pt"))
     rows = {}
-    for i, (name, cfg) in enumerate(runs.items()):
-        print(f"\n== quickstart run {i + 1}/{len(runs)}: {name}, into {cfg.out}/", flush=True)
-        rows[name] = run(cfg)
+    try:
+        for i, (name, cfg) in enumerate(runs.items()):
+            print(f"\n== quickstart run {i + 1}/{len(runs)}: {name}, into {cfg.out}/", flush=True)
+            engine.expect_more_runs(len(runs) - i - 1)
+            rows[name] = run(cfg)
+    finally:
+        engine.expect_more_runs(0)
     print("\n| run | top-1 | teacher top-1 | gap | KL | agreement | batch ms |\n|---|---|---|---|---|---|---|")
     for name, s in rows.items():
         cells = [s.get("top1"), s.get("teacher_top1"), s.get("gap"), s.get("kl"), s.get("agreement"),

@@ -216,3 +216,14 @@ def test_runtime_requirements_hold_no_test_packages_and_ci_runs_readme_command_2
     ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
     assert ci.replace("pip install -q ", "pip install ") == readme[1]
     assert "-r requirements-test.txt" in readme[1] and "requirements-test" not in readme[0]
+
+
+def test_progress_eta_covers_the_runs_that_follow(monkeypatch, capsys):
+    clock = iter([0.0, 5.0])    # the start, then the time of the one printed line
+    monkeypatch.setattr(engine.time, "perf_counter", lambda: next(clock))
+    progress = engine.Progress(10, engine.RunLog("/unused", enabled=False), every=5, runs_after=3)
+    progress.log.enabled = True
+    for i in range(5):
+        progress.step(0, 1, i, 10)
+    # 5 steps in 5 s: 5 s left in this run and 3 x 10 s in the runs that follow
+    assert capsys.readouterr().out.strip() == "epoch 1/1 [5/10] 1000.0 ms/step, ETA 0h00m35s (this and 3 more runs)"

@@ -205,6 +205,7 @@ def test_quickstart_cpu_mode_reduced(fake_cifar, tmp_path, capsys):
     headers = [out.index(f"== quickstart run {i}/4: {name}") for i, name in
                enumerate(("teacher (resnet14, ce)", "resnet8 ce", "resnet8 kd", "resnet8 pesf"), 1)]
     assert headers == sorted(headers) and "What to expect: at this CPU size" in out
+    assert "(this and 3 more runs)" in out[headers[0]:headers[1]] and "more run" not in out[headers[3]:]
 
 
 def test_ddp_two_processes_match_one(fake_cifar, teacher_ckpt, tmp_path):

@@ -784,7 +784,7 @@ def fit(cfg, dist_info: Dist, distiller, optimizer: torch.optim.Optimizer, train
             progress.step(epoch, cfg.epochs, i, len(train),
                           float(sums[0]) / (i + 1) if (i + 1) % cfg.log_every == 0 or last else None)
             if save_every and (i + 1) % save_every == 0 and not last:
-                check_finite(sums, step.names, epoch, i)
+                check_finite(sums, step.names, epoch, i)     # never a checkpoint of a diverged run
                 global_sums = all_reduce_sum(sums.clone())
                 if dist_info.main:
                     save_atomic(checkpoint(epoch, i + 1, global_sums), last_path)

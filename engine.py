@@ -222,6 +222,15 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def gather_rows(t: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``t`` stacked in rank order (``t[None]`` without a process group)."""
+    if dist.is_available() and dist.is_initialized():
+        rows = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+        dist.all_gather(rows, t)
+        return torch.stack(rows)
+    return t[None]
+
+
 def broadcast_object(obj, src: int = 0):
     if dist.is_available() and dist.is_initialized():
         holder = [obj]
@@ -748,7 +757,7 @@ def fit(cfg, dist_info: Dist, distiller, optimizer: torch.optim.Optimizer, train
         log.print(f"teacher top-1 before training: {history['teacher_top1_initial']:.2f}")
 
     def checkpoint(epochs_done: int, steps_done: int = 0, sums: torch.Tensor | None = None) -> dict:
-        """Everything to continue bit-identically; mid-epoch also the step and the loss sums so far."""
+        """Everything to continue bit-identically; mid-epoch also the step and each rank's loss sums so far."""
         ckpt = {"model": unwrap(distiller.student).state_dict(), "distiller": distiller_state(distiller),
                 "optimizer": optimizer.state_dict(), "epoch": epochs_done, "best_top1": best,
                 "history": history, "rng": rng_state(), "config": config_dict(cfg), "top1": metrics.get("top1")}
@@ -764,8 +773,10 @@ def fit(cfg, dist_info: Dist, distiller, optimizer: torch.optim.Optimizer, train
         distiller.train()
         sums, started = None, time.perf_counter()
         skip = start_step if epoch == start_epoch else 0
-        if skip:   # rank 0 saved the sums of all ranks; the others continue from zero
-            sums = saved_sums.to(device) if dist_info.main else torch.zeros_like(saved_sums, device=device)
+        if skip:   # each rank continues its own sums (so that the epoch's all-reduce adds the same numbers)
+            own = saved_sums[dist_info.rank] if len(saved_sums) == dist_info.world else \
+                saved_sums.sum(0) * dist_info.main   # another world size: the total, counted once
+            sums = own.to(device)
         # Skipped batches are still drawn, so that the epoch's order and augmentation stay the same.
         batches = itertools.islice(train.epoch(epoch), skip, None)
         for i, (x, y, index) in enumerate(batches, start=skip):
@@ -785,9 +796,9 @@ def fit(cfg, dist_info: Dist, distiller, optimizer: torch.optim.Optimizer, train
                           float(sums[0]) / (i + 1) if (i + 1) % cfg.log_every == 0 or last else None)
             if save_every and (i + 1) % save_every == 0 and not last:
                 check_finite(sums, step.names, epoch, i)     # never a checkpoint of a diverged run
-                global_sums = all_reduce_sum(sums.clone())
+                rank_sums = gather_rows(sums)
                 if dist_info.main:
-                    save_atomic(checkpoint(epoch, i + 1, global_sums), last_path)
+                    save_atomic(checkpoint(epoch, i + 1, rank_sums), last_path)
         if device.type == "cuda":
             torch.cuda.synchronize()
         train_time = time.perf_counter() - started

@@ -227,3 +227,26 @@ def test_progress_eta_covers_the_runs_that_follow(monkeypatch, capsys):
         progress.step(0, 1, i, 10)
     # 5 steps in 5 s: 5 s left in this run and 3 x 10 s in the runs that follow
     assert capsys.readouterr().out.strip() == "epoch 1/1 [5/10] 1000.0 ms/step, ETA 0h00m35s (this and 3 more runs)"
+
+
+def test_readme_cifar_commands_run_in_order_at_a_reduced_size(fake_cifar, tmp_path, monkeypatch, capsys):
+    """Each CIFAR command of the README, in its order (teachers first), one batch per epoch on a fake data
+    set; a torchrun command runs as one process. The ftkd example needs a vgg13 teacher that no README
+    command trains, so it is only parsed (above)."""
+    reduced = ["--epochs", "1", "--limit-batches", "1", "--batch-size", "8", "--benchmark-steps", "0", "--data-dir",
+               str(fake_cifar), "--set", "eval_batch_size=20"]
+    monkeypatch.chdir(tmp_path)
+    ran, skipped = 0, []
+    for argv in commands((ROOT / "README.md").read_text()):
+        if argv[0] != "train_cifar.py" or "--quickstart" in argv:   # the quickstart has its own test
+            continue
+        argv = [str(ROOT / a) if a.startswith("configs/") else a for a in argv[1:]]
+        benchmark = "--benchmark-steps" in argv
+        cfg, _ = train_cifar.parse_args(argv)
+        if cfg.teacher_ckpt and not Path(cfg.teacher_ckpt).is_file():
+            skipped.append(cfg.teacher_ckpt)
+            continue
+        extra = ["--benchmark-steps", "1", "--batch-size", "8"] if benchmark else reduced
+        assert train_cifar.main(argv + extra) == 0, (argv, capsys.readouterr().err)
+        ran += 1
+    assert ran == 10 and skipped == ["runs/cifar/teachers/vgg13_s0/last.pt"]

@@ -95,7 +95,7 @@ def step_times(args, budget: Budget, log: Path, graphs: list[bool]) -> list[dict
                                     120, budget, log)
                 row = {"method": method, "cuda_graph": graph, "status": status}
                 if status == "ok":
-                    row.update(json.loads((out / "summary.json").read_text()))
+                    row.update(json.loads((out / "benchmark.json").read_text()))
                 results.append(row)
     return results
 

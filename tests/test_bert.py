@@ -112,8 +112,12 @@ def test_save_pretrained_loads_in_transformers_and_back(transformers, tmp_path):
     adapted.save_pretrained(tmp_path / "adapted")
     again = BertForSequenceClassification.from_pretrained(tmp_path / "adapted", adapter="houlsby", slot="layers")
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), adapted.state_dict().values()))
+    # config.json records the adapters: the folder loads back whole without naming them (a PESF teacher)
+    recorded = BertForSequenceClassification.from_pretrained(tmp_path / "adapted")
+    assert recorded.adapter_config == adapted.adapter_config
+    assert all(torch.equal(a, b) for a, b in zip(recorded.state_dict().values(), adapted.state_dict().values()))
     with pytest.raises(ValueError, match="unexpected"):  # adapter weights are never dropped silently
-        BertForSequenceClassification.from_pretrained(tmp_path / "adapted")
+        BertForSequenceClassification.from_pretrained(tmp_path / "adapted", adapter="houlsby", slot="head")
 
 
 def test_tinybert_general_checkpoint_loads_without_its_projections(tmp_path):

@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
-import itertools
 import json
 import math
 import os
@@ -777,8 +776,8 @@ def fit(cfg, dist_info: Dist, distiller, optimizer: torch.optim.Optimizer, train
             own = saved_sums[dist_info.rank] if len(saved_sums) == dist_info.world else \
                 saved_sums.sum(0) * dist_info.main   # another world size: the total, counted once
             sums = own.to(device)
-        # Skipped batches are still drawn, so that the epoch's order and augmentation stay the same.
-        batches = itertools.islice(train.epoch(epoch), skip, None)
+        # epoch(e, start=k) yields the batches from the k-th on, ordered and augmented as in a whole epoch.
+        batches = train.epoch(epoch, start=skip) if skip else train.epoch(epoch)
         for i, (x, y, index) in enumerate(batches, start=skip):
             at, size = (epoch + i / len(train), 1 / len(train)) if per_step_lr else (epoch, 1.0)
             factor = lr_factor(at, cfg.epochs, cfg.lr_schedule, cfg.lr_milestones, cfg.lr_decay, cfg.warmup_epochs,

@@ -145,7 +145,9 @@ class DeviceBatches:
     def _normalise(self, x: torch.Tensor) -> torch.Tensor:
         return ((x.float() - self.mean) / self.std).contiguous(memory_format=self.memory_format)
 
-    def epoch(self, epoch: int):
+    def epoch(self, epoch: int, start: int = 0):
+        """The batches of ``epoch`` from the ``start``-th on (training; the augmentation of the ones before
+        is still drawn, so that the rest is augmented as in a whole epoch)."""
         if not self.train:
             index = torch.arange(self.rank, len(self.labels), self.world, device=self.device)
             for i in range(len(self)):
@@ -161,6 +163,8 @@ class DeviceBatches:
             shift = torch.randint(0, 9, (2, per_rank), generator=aug, device=self.device)
             flip = torch.rand(per_rank, generator=aug, device=self.device) < 0.5
             rows = (shift[0, :, None] + self.offsets)[:, None, :, None]
+            if i < start:
+                continue
             cols = shift[1, :, None] + self.offsets
             cols = torch.where(flip[:, None], cols.flip(1), cols)[:, None, None, :]
             channels = torch.arange(3, device=self.device)[None, :, None, None]

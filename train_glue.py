@@ -250,7 +250,8 @@ class GlueBatches:
         x = {k: v.to(self.device, non_blocking=True) for k, v in x.items()}
         return x, d.labels[idx].to(self.device, non_blocking=True), idx.to(self.device, non_blocking=True)
 
-    def epoch(self, epoch: int):
+    def epoch(self, epoch: int, start: int = 0):
+        """The batches of ``epoch``, in training from the ``start``-th on."""
         if not self.train:
             index = torch.argsort(self.data.lengths, stable=True)[self.rank::self.world]
             for i in range(len(self)):
@@ -258,9 +259,9 @@ class GlueBatches:
             return
         order = torch.randperm(len(self.labels), generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
         per_rank = self.batch_size // self.world
-        for i in range(len(self)):
-            start = i * self.batch_size + self.rank * per_rank
-            yield self._batch(order[start:start + per_rank])
+        for i in range(start, len(self)):
+            first = i * self.batch_size + self.rank * per_rank
+            yield self._batch(order[first:first + per_rank])
 
 
 # ----------------------------------------------------------------------------------------------

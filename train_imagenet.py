@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import os
 import sys
 from dataclasses import dataclass, field
@@ -83,7 +84,9 @@ class ImagenetConfig:
 # Data: ImageFolder decoded and augmented by worker processes as uint8, normalised on the device
 # ----------------------------------------------------------------------------------------------
 class Indexed(Dataset):
-    """Adds the sample index (CRD's memory bank needs it)."""
+    """Adds the sample index (CRD's memory bank needs it). An item may also be ``(key, i)``: sample ``i``
+    is then augmented from its own seed ``key * 10_000_019 + i``, so that its augmentation depends neither
+    on the worker that loads it nor on the batches before it (a resumed epoch is augmented as a whole one)."""
 
     def __init__(self, dataset: Dataset) -> None:
         self.dataset = dataset
@@ -91,9 +94,31 @@ class Indexed(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, i: int):
-        x, y = self.dataset[i]
+    def __getitem__(self, item: int | tuple[int, int]):
+        if isinstance(item, int):
+            x, y = self.dataset[item]
+            return x, y, item
+        key, i = item
+        with torch.random.fork_rng(devices=[]):   # torchvision's random transforms draw from torch's RNG
+            torch.manual_seed(key * 10_000_019 + i)
+            x, y = self.dataset[i]
         return x, y, i
+
+
+class EpochSampler(DistributedSampler):
+    """The training shard of an epoch as ``(key, index)`` items (``key``: seed and epoch, see Indexed),
+    from the ``start``-th batch of ``batch`` items on."""
+
+    def __init__(self, dataset: Dataset, batch: int, **options) -> None:
+        super().__init__(dataset, shuffle=True, drop_last=True, **options)
+        self.batch, self.start = batch, 0
+
+    def __iter__(self):
+        key = self.seed * 100_003 + self.epoch
+        return ((key, i) for i in itertools.islice(super().__iter__(), self.start * self.batch, None))
+
+    def __len__(self) -> int:
+        return super().__len__() - self.start * self.batch
 
 
 def image_folder(root: Path, train: bool, size: int) -> Dataset:
@@ -121,23 +146,26 @@ class LoaderBatches:
             raise ValueError(f"batch_size {batch_size} must be divisible by the number of processes {world}")
         # Evaluation shards every image exactly once: DistributedSampler would pad the last shard with
         # repeated images, which then count twice in the accuracy.
-        self.sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed,
-                                          drop_last=True) if train else range(rank, len(dataset), world)
-        self.loader = DataLoader(dataset, batch_size=batch_size // world if train else batch_size,
-                                 sampler=self.sampler, num_workers=workers, pin_memory=device.type == "cuda",
-                                 drop_last=train, persistent_workers=workers > 0)
+        per_rank = batch_size // world if train else batch_size
+        self.sampler = EpochSampler(dataset, per_rank, num_replicas=world, rank=rank, seed=seed) if train \
+            else range(rank, len(dataset), world)
+        self.loader = DataLoader(dataset, batch_size=per_rank, sampler=self.sampler, num_workers=workers,
+                                 pin_memory=device.type == "cuda", drop_last=train, persistent_workers=workers > 0)
+        self.steps = len(self.loader)
         self.device, self.limit = device, limit
         self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
     def __len__(self) -> int:
-        return min(len(self.loader), self.limit) if self.limit else len(self.loader)
+        return min(self.steps, self.limit) if self.limit else self.steps
 
-    def epoch(self, epoch: int):
-        if isinstance(self.sampler, DistributedSampler):
+    def epoch(self, epoch: int, start: int = 0):
+        """The batches of ``epoch``, in training from the ``start``-th on (the ones before are not loaded)."""
+        if isinstance(self.sampler, EpochSampler):
             self.sampler.set_epoch(epoch)
-        for i, (x, y, index) in enumerate(self.loader):
+            self.sampler.start = start
+        for i, (x, y, index) in enumerate(self.loader, start=start):
             if i == len(self):
                 return
             x = x.to(self.device, non_blocking=True).float().sub_(self.mean).div_(self.std)

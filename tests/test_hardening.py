@@ -7,6 +7,7 @@ import shlex
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import Dataset
@@ -167,6 +168,29 @@ def test_glue_mid_epoch_checkpoint_resumes_bit_identically_with_dropout(minilm, 
         train_glue.run(GlueConfig(**keys, out=str(tmp_path / "killed")), resume=True)
     finally:
         torch.set_num_threads(threads)
+    assert_same_run(tmp_path / "straight", tmp_path / "killed")
+
+
+def test_imagenet_mid_epoch_checkpoint_resumes_bit_identically(tmp_path, monkeypatch):
+    """Random crops and flips included: each sample draws from its own seed, and the resumed epoch's
+    sampler starts at the checkpoint's batch."""
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for split, per_class in (("train", 4), ("val", 1)):
+        for c in ("a", "b", "c"):
+            (tmp_path / "data" / split / c).mkdir(parents=True)
+            for i in range(per_class):
+                Image.fromarray(rng.integers(0, 256, (36, 40, 3), dtype=np.uint8)).save(tmp_path / "data" / split / c / f"{i}.png")
+    keys = dict(method="ce", student="resnet18", teacher_weights=None, epochs=1, batch_size=4, eval_batch_size=3,
+                image_size=16, workers=0, save_every=1, log_every=1, data_dir=str(tmp_path / "data"))
+    train_imagenet.run(train_imagenet.ImagenetConfig(**keys, out=str(tmp_path / "straight")))   # 3 steps per epoch
+    with monkeypatch.context() as m:
+        kill_at(m, 3)    # after the step-2 checkpoint
+        with pytest.raises(Killed):
+            train_imagenet.run(train_imagenet.ImagenetConfig(**keys, out=str(tmp_path / "killed")))
+    saved = torch.load(tmp_path / "killed" / "last.pt", weights_only=True)
+    assert (saved["epoch"], saved["step"]) == (0, 2)
+    train_imagenet.run(train_imagenet.ImagenetConfig(**keys, out=str(tmp_path / "killed")), resume=True)
     assert_same_run(tmp_path / "straight", tmp_path / "killed")
 
 

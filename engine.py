@@ -305,7 +305,7 @@ def payload_digest(obj) -> str:
         if isinstance(value, torch.Tensor):
             t = value.detach().cpu().contiguous().reshape(-1)
             digest.update(f"T{t.dtype}{tuple(value.shape)}".encode())
-            digest.update(t.view(torch.uint8).numpy().tobytes())
+            digest.update(t.view(torch.uint8).numpy())
         elif isinstance(value, dict):
             digest.update(f"D{len(value)}".encode())
             for key, item in value.items():

@@ -128,12 +128,12 @@ def assert_same_run(a: Path, b: Path) -> None:
 
 def test_cifar_mid_epoch_checkpoints_resume_bit_identically(fake_cifar, teacher_ckpt, tmp_path, monkeypatch):
     keys = dict(method="kd", teacher="resnet8", student="resnet8", teacher_ckpt=str(teacher_ckpt), epochs=2,
-                batch_size=32, eval_batch_size=50, lr_schedule="cosine", save_every=2, log_every=1,
+                batch_size=32, train_subset=96, eval_batch_size=50, lr_schedule="cosine", save_every=2, log_every=1,
                 data_dir=str(fake_cifar))
-    train_cifar.run(CifarConfig(**keys, out=str(tmp_path / "straight")))   # 5 steps per epoch
+    train_cifar.run(CifarConfig(**keys, out=str(tmp_path / "straight")))   # 3 steps per epoch
     out = tmp_path / "killed"
     with monkeypatch.context() as m:
-        kill_at(m, 4)    # in the first epoch, after the step-2 checkpoint; the resumed run crosses an epoch end
+        kill_at(m, 3)    # in the first epoch, after the step-2 checkpoint; the resumed run crosses an epoch end
         with pytest.raises(Killed):
             train_cifar.run(CifarConfig(**keys, out=str(out)))
     saved = torch.load(out / "last.pt", weights_only=True)
@@ -182,7 +182,7 @@ def test_imagenet_mid_epoch_checkpoint_resumes_bit_identically(tmp_path, monkeyp
             for i in range(per_class):
                 Image.fromarray(rng.integers(0, 256, (36, 40, 3), dtype=np.uint8)).save(tmp_path / "data" / split / c / f"{i}.png")
     keys = dict(method="ce", student="resnet18", teacher_weights=None, epochs=1, batch_size=4, eval_batch_size=3,
-                image_size=16, workers=0, save_every=1, log_every=1, data_dir=str(tmp_path / "data"))
+                image_size=16, workers=0, save_every=2, log_every=1, data_dir=str(tmp_path / "data"))
     train_imagenet.run(train_imagenet.ImagenetConfig(**keys, out=str(tmp_path / "straight")))   # 3 steps per epoch
     with monkeypatch.context() as m:
         kill_at(m, 3)    # after the step-2 checkpoint

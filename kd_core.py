@@ -267,6 +267,7 @@ _N_PART = 10                              # split-K partials: (m, Z1, Zt, W, arg
 # Launch configuration overrides (tests force several K blocks, several rows per program, split-K;
 # a GPU session can sweep them). Keys: block_k, rows, splits, bwd_block_k, bwd_rows, num_warps.
 _KD_TUNE: dict = {}
+_GPU_BWD_MAX_ROWS = 4
 
 
 @torch.compiler.assume_constant_result  # torch.compile: evaluated once at trace time, not traced
@@ -472,8 +473,8 @@ def _define_triton_kernels():
     def _kd_fwd_kernel(s_ptr, t_ptr, y_ptr, rows_ptr, stats_ptr, part_ptr, ds_ptr, dt_ptr, g_ptr,
                       N, K, stride_s, stride_t, stride_ds, stride_dt, g_sf, g_sn, k_per_split,
                       tau, inv_tau, ignore_index,
-                      ROWS: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, ADJUST: tl.constexpr,
-                      GRAD: tl.constexpr, DETACH: tl.constexpr, WRITE_DS: tl.constexpr,
+                      ROWS: tl.constexpr, BLOCK_K: tl.constexpr, GRAD_BLOCK_K: tl.constexpr,
+                      SPLIT: tl.constexpr, ADJUST: tl.constexpr, GRAD: tl.constexpr, DETACH: tl.constexpr, WRITE_DS: tl.constexpr,
                       WRITE_DT: tl.constexpr, OFF64: tl.constexpr):
         # Grid (row blocks, K splits). One read of s and t per program's K range. SPLIT: store the
         # partial online-softmax states for kd_merge_kernel; else finalize here and, with GRAD
@@ -517,7 +518,7 @@ def _define_triton_kernels():
             if GRAD:
                 _kd_grad_loop(s_ptr, t_ptr, ds_ptr, dt_ptr, g_ptr, rows, row_ok, valid, y, jt, js, off_s, off_t,
                           N, K, stride_ds, stride_dt, g_sf, g_sn, 0, K, LS, LT, lse_s, lse_t, d_ts, d_st,
-                          sy, ty, tau, inv_tau, BLOCK_K, ADJUST, DETACH, WRITE_DS, WRITE_DT, OFF64)
+                          sy, ty, tau, inv_tau, GRAD_BLOCK_K, ADJUST, DETACH, WRITE_DS, WRITE_DT, OFF64)
 
     @triton.jit
     def _kd_merge_kernel(s_ptr, t_ptr, y_ptr, rows_ptr, stats_ptr, part_ptr, N, stride_s, stride_t, n_splits,
@@ -596,6 +597,15 @@ def _needs_int64(n: int, k: int, *row_strides: int) -> bool:
     return n * k >= 2 ** 31 or last >= 2 ** 31
 
 
+def _sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors the launch heuristics plan for; 0 = the interpreter / CPU tiles.
+
+    The AOT compile check (kernels/aot_check.py) replaces it to derive a GPU's launches on meta tensors."""
+    if _interpreting() or device.type != "cuda":
+        return 0
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _kd_config(n: int, k: int, elem_size: int, device: torch.device) -> dict:
     """Launch configuration by heuristics on K, N and the dtype (no autotune; see kernels/README.md).
 
@@ -604,12 +614,9 @@ def _kd_config(n: int, k: int, elem_size: int, device: torch.device) -> dict:
     in the forward when there are too few row programs to fill the SMs (small N, huge K).
     Interpreter: the cost is per program and per loop iteration, so the tiles are made large.
     """
-    interpret = _interpreting()
-    if interpret or device.type != "cuda":
-        tile, n_sm = 1 << 14, 0   # n_sm = 0: all rows in as few programs as the tile allows
-    else:
-        tile = 4096 if elem_size >= 4 else 8192
-        n_sm = torch.cuda.get_device_properties(device).multi_processor_count
+    n_sm = _sm_count(device)
+    gpu = n_sm > 0   # else (interpreter): all rows in as few programs as the tile allows
+    tile = (4096 if elem_size >= 4 else 8192) if gpu else 1 << 14
     block_k = _KD_TUNE.get("block_k") or min(_next_pow2(k), tile)
     # Rows per program: fill the tile, but keep >= 2 programs per SM when N allows it.
     rows = _KD_TUNE.get("rows") or max(1, min(tile // block_k, 64, _next_pow2(max(1, n // max(1, 2 * n_sm)))))
@@ -617,18 +624,27 @@ def _kd_config(n: int, k: int, elem_size: int, device: torch.device) -> dict:
     splits = _KD_TUNE.get("splits")
     if splits is None:
         splits = 1
-        if not interpret and row_progs < 2 * n_sm and k >= 4 * block_k:
+        if gpu and row_progs < 2 * n_sm and k >= 4 * block_k:
             splits = min(-(-k // block_k), -(-2 * n_sm // row_progs))
     k_per_split = -(-(-(-k // max(1, splits))) // block_k) * block_k
     splits = -(-k // k_per_split)
     # The backward tile holds ~10 live fp32 temporaries per element (the swap remap, both KL halves):
     # half the forward tile on a GPU keeps it in registers (first thing to sweep on a GPU).
-    bwd_tile = tile if interpret or device.type != "cuda" else tile // 2
+    bwd_tile = tile // 2 if gpu else tile
     bwd_block_k = _KD_TUNE.get("bwd_block_k") or min(_next_pow2(k), bwd_tile)
-    bwd_rows = _KD_TUNE.get("bwd_rows") or max(1, min(bwd_tile // bwd_block_k, 64, _next_pow2(max(1, n))))
+    # Each thread keeps ~25 per-row scalars (upstream grads, statistics, swap values) once per row it
+    # touches: with more than 4 rows a program spills when K gives no vector loads (ptxas, K = 100).
+    bwd_rows = _KD_TUNE.get("bwd_rows") or max(1, min(bwd_tile // bwd_block_k, 64, _next_pow2(max(1, n)),
+                                                      _GPU_BWD_MAX_ROWS if gpu else 64))
     num_warps = _KD_TUNE.get("num_warps") or (4 if rows * block_k <= 2048 else 8)
+    # Gradient-in-forward: the forward program runs the backward's tile loop after its own, so that
+    # loop and the program's rows keep to the backward's limits (the full forward tile spills).
+    gif_rows = min(rows, bwd_rows)
+    gif_block_k = min(block_k, bwd_block_k)
     return {"block_k": block_k, "rows": rows, "splits": splits, "k_per_split": k_per_split,
-            "bwd_block_k": bwd_block_k, "bwd_rows": bwd_rows, "num_warps": num_warps}
+            "bwd_block_k": bwd_block_k, "bwd_rows": bwd_rows, "num_warps": num_warps,
+            "gif_rows": gif_rows, "gif_block_k": gif_block_k,
+            "gif_num_warps": _KD_TUNE.get("num_warps") or (4 if gif_rows * block_k <= 2048 else 8)}
 
 
 def _prep(s: torch.Tensor, t: torch.Tensor, labels: torch.Tensor):
@@ -673,14 +689,16 @@ def _launch_fwd(s, t, labels, tau, adjust, ignore_index, grad=None, out=None):
     off64 = _needs_int64(n, k, s.stride(0), t.stride(0), sds, sdt)
     split = cfg["splits"] > 1
     part = torch.empty((n, cfg["splits"], _N_PART), dtype=torch.float32, device=s.device) if split else rows
-    row_progs = -(-n // cfg["rows"])
     fused = grad is not None and not split
+    prog_rows = cfg["gif_rows"] if fused else cfg["rows"]
+    row_progs = -(-n // prog_rows)
     kern["fwd"][(row_progs, cfg["splits"])](
         s, t, labels, rows, stats, part, ds if fused and write_ds else s, dt if fused and write_dt else t, g,
         n, k, s.stride(0), t.stride(0), sds, sdt, 1, 0, cfg["k_per_split"],
         tau, 1.0 / tau, ignore_index,
-        ROWS=cfg["rows"], BLOCK_K=cfg["block_k"], SPLIT=split, ADJUST=adjust, GRAD=fused, DETACH=detach,
-        WRITE_DS=fused and write_ds, WRITE_DT=fused and write_dt, OFF64=off64, num_warps=cfg["num_warps"])
+        ROWS=prog_rows, BLOCK_K=cfg["block_k"], GRAD_BLOCK_K=cfg["gif_block_k"] if fused else cfg["block_k"],
+        SPLIT=split, ADJUST=adjust, GRAD=fused, DETACH=detach, WRITE_DS=fused and write_ds,
+        WRITE_DT=fused and write_dt, OFF64=off64, num_warps=cfg["gif_num_warps" if fused else "num_warps"])
     if split:
         kern["merge"][(row_progs,)](s, t, labels, rows, stats, part, n, s.stride(0), t.stride(0), cfg["splits"],
                                     tau, 1.0 / tau, ignore_index, ROWS=cfg["rows"], ADJUST=adjust, OFF64=off64)

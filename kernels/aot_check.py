@@ -1,0 +1,285 @@
+"""Ahead-of-time compile check of the kd_core kernels for GPU targets, on a machine without a GPU.
+
+The launches are not listed by hand: the real launchers (``kd_core._launch_fwd`` / ``_launch_bwd``)
+run on ``meta`` tensors with the kernels replaced by recorders and the SM count faked, so every
+configuration they would choose on an H100 (sm_90, 132 SMs) or an A100 (sm_80, 108 SMs) is captured,
+specialised by Triton's own argument binder exactly as a real launch would be, and compiled with
+``triton.compile`` and the ``ptxas`` inside the triton wheel. Fails (exit 1) on a compile error,
+more than 255 registers, any spill, or shared memory over the target's per-block limit.
+
+    python kernels/aot_check.py            # the CI subset (tests/test_aot_compile.py runs it)
+    python kernels/aot_check.py --full     # every shape, dtype, path and variant on both targets
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import itertools
+import os
+import re
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# The Triton interpreter (set for the whole CI pytest run) must be off before triton is imported.
+os.environ.pop("TRITON_INTERPRET", None)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+import kd_core  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    capability: int
+    n_sm: int          # SMs of the card the launch heuristics plan for
+    max_shared: int    # bytes of shared memory one block may use (opt-in maximum)
+
+
+TARGETS = (Target("sm_90", 90, 132, 232448), Target("sm_80", 80, 108, 166912))
+SHAPES = ((64, 100), (256, 1000), (8192, 32768), (4096, 131072), (1, 262144))
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+MAX_REGISTERS = 255
+# (path, adjust, detach, need_ds, need_dt): the forward of distill_terms, its backward and the
+# gradient-in-forward forward of distill_loss (and its split-K backward), each with every adjust x
+# detach combination writing both gradients, plus one-sided gradients (a frozen teacher, a trained
+# teacher with a fixed student). The reduction never reaches a kernel: it only scales the weights.
+VARIANTS = ([("fwd", adjust, False, False, False) for adjust in (True, False)]
+            + [(path, adjust, detach, True, True) for path in ("bwd", "gif") for adjust in (True, False)
+               for detach in (True, False)]
+            + [(path, True, True, ds, dt) for path in ("bwd", "gif") for ds, dt in ((True, False), (False, True))])
+# CI: the launches that spilled before the fixes, plus every kernel and path at least once
+# (split-K forward + merge + its backward, the large-K backward, fp32 and 16-bit), on sm_90;
+# and the gradient-in-forward forward near the register limit on sm_80.
+CI_CASES = (
+    ("sm_90", (64, 100), torch.float32, ("bwd", True, False, True, True)),
+    ("sm_90", (64, 100), torch.bfloat16, ("bwd", True, False, True, True)),
+    ("sm_90", (8192, 32768), torch.bfloat16, ("gif", True, False, True, True)),
+    ("sm_90", (1, 262144), torch.float16, ("gif", True, True, True, False)),
+    ("sm_80", (8192, 32768), torch.float32, ("gif", True, False, True, True)),
+)
+
+
+@dataclass
+class Launch:
+    kernel: str
+    fn: object
+    args: tuple
+    kwargs: dict
+
+
+class _Recorder:
+    """Stands in for a JIT kernel: ``kernel[grid](*args, **kwargs)`` records the call."""
+
+    def __init__(self, name: str, fn, calls: list[Launch]) -> None:
+        self.name, self.fn, self.calls = name, fn, calls
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.calls.append(Launch(self.name, self.fn, args, kwargs))
+
+
+@contextlib.contextmanager
+def _recording(n_sm: int):
+    kernels = kd_core._triton_kernels()
+    if kernels is None:
+        raise RuntimeError("triton is not importable; the AOT check needs it")
+    calls: list[Launch] = []
+    saved = kd_core._TRITON, kd_core._sm_count
+    kd_core._TRITON = {**kernels, **{k: _Recorder(k, kernels[k], calls) for k in ("fwd", "merge", "bwd")}}
+    kd_core._sm_count = lambda device: n_sm
+    try:
+        yield calls
+    finally:
+        kd_core._TRITON, kd_core._sm_count = saved
+
+
+def record_launches(n: int, k: int, dtype: torch.dtype, n_sm: int, variant: tuple) -> list[Launch]:
+    """The kernel launches the real launchers make for one call, on meta tensors."""
+    path, adjust, detach, need_ds, need_dt = variant
+    meta = {"device": "meta"}
+    s, t = torch.empty(n, k, dtype=dtype, **meta), torch.empty(n, k, dtype=dtype, **meta)
+    labels = torch.empty(n, dtype=torch.int64, **meta)
+    with _recording(n_sm) as calls:
+        if path == "fwd":
+            kd_core._launch_fwd(s, t, labels, 4.0, adjust, kd_core.IGNORE_INDEX)
+        elif path == "bwd":
+            stats = torch.empty(kd_core._N_STATS, n, **meta)
+            grad_rows = torch.empty(7, n, **meta)
+            kd_core._launch_bwd(grad_rows, s, t, labels, stats, 4.0, adjust, kd_core.IGNORE_INDEX, detach,
+                                need_ds, need_dt)
+        else:
+            weights = torch.empty(7, **meta)
+            kd_core._launch_fwd(s, t, labels, 4.0, adjust, kd_core.IGNORE_INDEX,
+                                grad=(weights, detach, need_ds, need_dt))
+    return calls
+
+
+@dataclass
+class Compiled:
+    kernel: str
+    config: str
+    dtype: str
+    target: str
+    registers: int = -1
+    spill_stores: int = -1
+    spill_loads: int = -1
+    shared: int = -1
+    error: str = ""
+    seconds: float = 0.0
+    used_by: list[str] = field(default_factory=list)
+
+    def problems(self, target: Target) -> list[str]:
+        if self.error:
+            return [f"compile error: {self.error}"]
+        out = []
+        if self.registers > MAX_REGISTERS:
+            out.append(f"{self.registers} registers")
+        if self.spill_stores or self.spill_loads:
+            out.append(f"spills {self.spill_stores}/{self.spill_loads} B")
+        if self.shared > target.max_shared:
+            out.append(f"shared memory {self.shared} B > {target.max_shared} B")
+        return out
+
+
+_FLAGS = ("ADJUST", "DETACH", "SPLIT", "GRAD", "WRITE_DS", "WRITE_DT", "OFF64")
+
+
+def _describe(launch: Launch, options) -> str:
+    kw = launch.kwargs
+    shape = f"{kw['ROWS']}x{kw['BLOCK_K']}" if "BLOCK_K" in kw else f"{kw['ROWS']}"
+    if kw.get("GRAD") and kw.get("GRAD_BLOCK_K", kw["BLOCK_K"]) != kw["BLOCK_K"]:
+        shape += f"/{kw['GRAD_BLOCK_K']}"   # the gradient loop's block
+    flags = [f.lower() for f in _FLAGS if kw.get(f)]
+    return " ".join([shape, f"w{options.num_warps}", *flags])
+
+
+class AotCompiler:
+    """Compiles launches for GPU targets; identical specialisations compile once (shared by all cases)."""
+
+    def __init__(self) -> None:
+        from triton import knobs
+        self._knobs = knobs
+        self.results: dict[tuple, Compiled] = {}
+        self._binders: dict[tuple, object] = {}
+        # A private cache directory: every compile runs ptxas, whose -v log gives the register figures.
+        self._cache = tempfile.TemporaryDirectory(prefix="pesf_aot_")
+        knobs.cache.dir = self._cache.name
+
+    def _bind(self, launch: Launch, target: Target):
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import make_backend
+        from triton.runtime.jit import create_function_from_signature
+        key = (launch.kernel, target.name)
+        if key not in self._binders:
+            backend = make_backend(GPUTarget("cuda", target.capability, 32))
+            self._binders[key] = backend, create_function_from_signature(launch.fn.signature, launch.fn.params,
+                                                                         backend)
+        backend, binder = self._binders[key]
+        bound, specialization, options = binder(*launch.args, **launch.kwargs)
+        return launch.fn._pack_args(backend, launch.kwargs, bound, specialization, options)
+
+    def compile(self, launch: Launch, target: Target, used_by: str) -> Compiled:
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+        options, signature, constexprs, attrs = self._bind(launch, target)
+        key = (launch.kernel, target.name, repr(sorted(signature.items())), repr(sorted(constexprs.items())),
+               repr(sorted(attrs.items())), repr(sorted(options.__dict__.items())))
+        if key in self.results:
+            self.results[key].used_by.append(used_by)
+            return self.results[key]
+        dtype = signature["s_ptr"].lstrip("*")
+        result = Compiled(launch.kernel, _describe(launch, options), dtype, target.name, used_by=[used_by])
+        log = io.StringIO()
+        start = time.perf_counter()
+        self._knobs.nvidia.dump_ptxas_log = True
+        try:
+            with contextlib.redirect_stdout(log):
+                kernel = triton.compile(ASTSource(launch.fn, signature, constexprs, attrs),
+                                        target=GPUTarget("cuda", target.capability, 32), options=options.__dict__)
+            result.shared = int(kernel.metadata.shared)
+            _parse_ptxas(log.getvalue(), result)
+        except Exception as exc:  # any compile failure is a finding, reported in the table
+            result.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        result.seconds = time.perf_counter() - start
+        self.results[key] = result
+        return result
+
+
+def _parse_ptxas(log: str, result: Compiled) -> None:
+    regs = re.search(r"Used (\d+) registers", log)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    if regs is None or spills is None:
+        raise RuntimeError(f"no register figures in the ptxas log: {log[-300:]!r}")
+    result.registers = int(regs.group(1))
+    result.spill_stores, result.spill_loads = int(spills.group(1)), int(spills.group(2))
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
+def cases(full: bool) -> list[tuple[Target, tuple[int, int], torch.dtype, tuple]]:
+    targets = {t.name: t for t in TARGETS}
+    if not full:
+        return [(targets[name], shape, dtype, variant) for name, shape, dtype, variant in CI_CASES]
+    return [(target, shape, dtype, variant)
+            for target, shape, dtype, variant in itertools.product(TARGETS, SHAPES, DTYPES, VARIANTS)]
+
+
+def run(full: bool, progress=print) -> tuple[list[Compiled], list[str]]:
+    """Compile every launch of the chosen cases; returns the distinct compiles and the failures."""
+    compiler = AotCompiler()
+    failures = []
+    todo = cases(full)
+    for i, (target, (n, k), dtype, variant) in enumerate(todo):
+        for launch in record_launches(n, k, dtype, target.n_sm, variant):
+            before = len(compiler.results)
+            result = compiler.compile(launch, target, f"{n}x{k} {variant[0]}")
+            if len(compiler.results) > before:
+                progress(f"[{i + 1}/{len(todo)}] {result.target} {result.kernel} {result.config} {result.dtype}: "
+                         f"{result.registers} regs, spills {result.spill_stores}/{result.spill_loads} B, "
+                         f"{result.seconds:.1f} s {result.error}")
+                failures += [f"{result.target} {result.kernel} {result.config} {result.dtype}: {p}"
+                             for p in result.problems(target)]
+    return list(compiler.results.values()), failures
+
+
+def table(results: list[Compiled]) -> str:
+    lines = ["| kernel | config | dtype | target | registers | spill st/ld (B) | shared (B) | used by |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in sorted(results, key=lambda r: (r.target, r.kernel, r.dtype, r.config)):
+        used = sorted(set(r.used_by))
+        spills = "error" if r.error else f"{r.spill_stores}/{r.spill_loads}"
+        lines.append(f"| {r.kernel} | {r.config} | {r.dtype} | {r.target} | {r.registers} | {spills} | {r.shared} "
+                     f"| {', '.join(used[:3])}{' …' if len(used) > 3 else ''} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--full", action="store_true",
+                        help="every shape x dtype x path x variant on sm_90 and sm_80 (minutes), not the CI subset")
+    args = parser.parse_args(argv)
+    if not kd_core.triton_available():
+        print("aot_check: triton is not importable", file=sys.stderr)
+        return 2
+    start = time.perf_counter()
+    results, failures = run(args.full, progress=lambda line: print(line, file=sys.stderr, flush=True))
+    print(table(results))
+    spilling = sum(1 for r in results if r.spill_stores or r.spill_loads)
+    errors = sum(1 for r in results if r.error)
+    print(f"\n{len(results)} compiles, {errors} compile failures, {spilling} spill, "
+          f"max {max(r.registers for r in results)} registers, {time.perf_counter() - start:.0f} s")
+    for line in failures:
+        print(f"FAIL {line}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

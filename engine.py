@@ -15,6 +15,7 @@ import sys
 import time
 import types
 import typing
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -568,13 +569,25 @@ class TrainStep:
             torch.cuda.current_stream().wait_stream(side)
             return out
         if self.graph is None or self.static is None or self.static[0].shape != x.shape:
-            self._capture(x, y, index)
+            try:
+                self._capture(x, y, index)
+            except Exception as exc:  # an op, GPU or driver that cannot be captured: eager beats a crash
+                self._capture_failed(exc)
+                self.optimizer.zero_grad(set_to_none=True)
+                return self._step(x, y, index)
         sx, sy, si, sout = self.static
         sx.copy_(x)
         sy.copy_(y)
         si.copy_(index)
         self.graph.replay()
         return sout.clone()
+
+    def _capture_failed(self, exc: Exception) -> None:
+        # A failed capture executes nothing on the device, so the run continues eagerly from here.
+        self.graph, self.static, self.cuda_graph = None, None, False
+        lines = str(exc).strip().splitlines()
+        warnings.warn(f"CUDA-graph capture of the training step failed ({type(exc).__name__}: "
+                      f"{lines[0] if lines else ''}); running the step eagerly", RuntimeWarning, stacklevel=3)
 
     def _capture(self, x, y, index) -> None:
         self.graph = None

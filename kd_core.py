@@ -20,6 +20,7 @@ read of both logit matrices forward, one read and one write of each backward); e
 from __future__ import annotations
 
 import math
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -196,10 +197,9 @@ def distill_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, la
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
-    use_triton = backend == "triton" or (backend == "auto" and student_logits.is_cuda and triton_available())
-    if use_triton:
+    if backend == "triton" or (backend == "auto" and _auto_uses_kernel(student_logits)):
         return _distill_terms_triton(student_logits, teacher_logits, labels, float(tau), adjust,
-                                     ignore_index, reduction, detach_targets)
+                                     ignore_index, reduction, detach_targets, strict=backend == "triton")
     return _distill_terms_torch(student_logits, teacher_logits, labels, float(tau), adjust,
                                 ignore_index, reduction, detach_targets)
 
@@ -737,9 +737,38 @@ def _launch_bwd(grad_rows, s, t, labels, stats, tau, adjust, ignore_index, detac
     return ds, dt
 
 
-def _kernel_runs_on(x: torch.Tensor) -> bool:
+# backend="auto" degrades instead of crashing on a GPU nobody tried: the first compile or launch
+# failure of the kernel (an old GPU, a mismatched triton, a driver problem) is reported once and the
+# PyTorch path serves the rest of the process. backend="triton" ("strict") always raises.
+_KERNEL_FAILURE: str | None = None
+
+
+def _auto_uses_kernel(x: torch.Tensor) -> bool:
+    """backend="auto": the kernel for CUDA tensors, unless it failed earlier in this process."""
+    return x.is_cuda and triton_available() and _KERNEL_FAILURE is None
+
+
+def _kernel_runs_on(x: torch.Tensor, strict: bool = True) -> bool:
     # The kernel runs on CUDA tensors, and on CPU tensors under the Triton interpreter.
-    return triton_available() and (x.is_cuda or _triton_interpreted())
+    return triton_available() and (x.is_cuda or _triton_interpreted()) and (strict or _KERNEL_FAILURE is None)
+
+
+def _try_kernel(strict: bool, launch):
+    """``launch()``; when not strict, a failure warns once, disables the kernel and returns None."""
+    global _KERNEL_FAILURE
+    try:
+        return launch()
+    except torch.cuda.OutOfMemoryError:  # not a kernel problem: the torch path would need the memory too
+        raise
+    except Exception as exc:
+        if strict:
+            raise
+        if _KERNEL_FAILURE is None:
+            lines = str(exc).strip().splitlines()
+            _KERNEL_FAILURE = f"{type(exc).__name__}: {lines[0] if lines else ''}"
+            warnings.warn(f"kd_core: the Triton kernel failed ({_KERNEL_FAILURE}); backend='auto' uses the "
+                          "PyTorch path for the rest of this process", RuntimeWarning, stacklevel=2)
+        return None
 
 
 def _rows_torch(s, t, labels, tau, adjust, ignore_index, detach):
@@ -751,17 +780,18 @@ def _rows_torch(s, t, labels, tau, adjust, ignore_index, detach):
 # graphs that contain them stay portable (and testable) on any machine.
 @torch.library.custom_op("pesf_kd::distill_fwd", mutates_args=())
 def _op_distill_fwd(s: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, tau: float, adjust: bool,
-                    ignore_index: int, detach_targets: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    if _kernel_runs_on(s):
-        rows, stats, _, _ = _launch_fwd(s, t, labels, tau, adjust, ignore_index)
-        return rows, stats
+                    ignore_index: int, detach_targets: bool, strict: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    if _kernel_runs_on(s, strict):
+        out = _try_kernel(strict, lambda: _launch_fwd(s, t, labels, tau, adjust, ignore_index))
+        if out is not None:
+            return out[0], out[1]
     with torch.no_grad():
         rows = _rows_torch(s, t, labels, tau, adjust, ignore_index, detach_targets)
     return rows, torch.zeros((_N_STATS, s.shape[0]), dtype=torch.float32, device=s.device)
 
 
 @_op_distill_fwd.register_fake
-def _(s, t, labels, tau, adjust, ignore_index, detach_targets):
+def _(s, t, labels, tau, adjust, ignore_index, detach_targets, strict=True):
     n = s.shape[0]
     return s.new_empty((7, n), dtype=torch.float32), s.new_empty((_N_STATS, n), dtype=torch.float32)
 
@@ -769,10 +799,12 @@ def _(s, t, labels, tau, adjust, ignore_index, detach_targets):
 @torch.library.custom_op("pesf_kd::distill_bwd", mutates_args=())
 def _op_distill_bwd(grad_rows: torch.Tensor, s: torch.Tensor, t: torch.Tensor, labels: torch.Tensor,
                     stats: torch.Tensor, tau: float, adjust: bool, ignore_index: int, detach_targets: bool,
-                    need_ds: bool, need_dt: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    if _kernel_runs_on(s):
-        return _launch_bwd(grad_rows, s, t, labels, stats, tau, adjust, ignore_index, detach_targets,
-                           need_ds, need_dt)
+                    need_ds: bool, need_dt: bool, strict: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    if _kernel_runs_on(s, strict):
+        out = _try_kernel(strict, lambda: _launch_bwd(grad_rows, s, t, labels, stats, tau, adjust, ignore_index,
+                                                      detach_targets, need_ds, need_dt))
+        if out is not None:
+            return out
     # Custom-op impls run below the autograd dispatch key: torch.func.vjp still differentiates there.
     _, vjp = torch.func.vjp(lambda a, b: _rows_torch(a, b, labels, tau, adjust, ignore_index, detach_targets), s, t)
     ds, dt = vjp(grad_rows.to(torch.float32))
@@ -780,24 +812,24 @@ def _op_distill_bwd(grad_rows: torch.Tensor, s: torch.Tensor, t: torch.Tensor, l
 
 
 @_op_distill_bwd.register_fake
-def _(grad_rows, s, t, labels, stats, tau, adjust, ignore_index, detach_targets, need_ds, need_dt):
+def _(grad_rows, s, t, labels, stats, tau, adjust, ignore_index, detach_targets, need_ds, need_dt, strict=True):
     return (s.new_empty(s.shape) if need_ds else s.new_empty(0)), (t.new_empty(t.shape) if need_dt else t.new_empty(0))
 
 
 def _distill_fwd_setup(ctx, inputs, output):
-    s, t, labels, tau, adjust, ignore_index, detach_targets = inputs
+    s, t, labels, tau, adjust, ignore_index, detach_targets, strict = inputs
     ctx.save_for_backward(s, t, labels, output[1])
-    ctx.args = (tau, adjust, ignore_index, detach_targets)
+    ctx.args = (tau, adjust, ignore_index, detach_targets, strict)
     ctx.mark_non_differentiable(output[1])
 
 
 def _distill_fwd_backward(ctx, grad_rows, grad_stats):
     s, t, labels, stats = ctx.saved_tensors
-    tau, adjust, ignore_index, detach_targets = ctx.args
+    tau, adjust, ignore_index, detach_targets, strict = ctx.args
     need_ds, need_dt = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     ds, dt = torch.ops.pesf_kd.distill_bwd(grad_rows, s, t, labels, stats, tau, adjust, ignore_index,
-                                           detach_targets, need_ds, need_dt)
-    return (ds if need_ds else None), (dt if need_dt else None), None, None, None, None, None
+                                           detach_targets, need_ds, need_dt, strict)
+    return (ds if need_ds else None), (dt if need_dt else None), None, None, None, None, None, None
 
 
 _op_distill_fwd.register_autograd(_distill_fwd_backward, setup_context=_distill_fwd_setup)
@@ -807,14 +839,15 @@ def _count_valid(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
     return (labels != ignore_index).sum().clamp(min=1)
 
 
-def _distill_terms_triton(s, t, labels, tau, adjust, ignore_index, reduction, detach_targets) -> DistillTerms:
+def _distill_terms_triton(s, t, labels, tau, adjust, ignore_index, reduction, detach_targets,
+                          strict: bool = True) -> DistillTerms:
     if not triton_available():
         raise RuntimeError("backend='triton' needs the triton package and its fused kernel; "
                            "use backend='torch' or 'auto'")
     if not (s.is_cuda or _triton_interpreted()):
         raise RuntimeError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before triton is "
                            "imported, to run the kernel on CPU tensors); use backend='torch' or 'auto'")
-    rows, _ = torch.ops.pesf_kd.distill_fwd(s, t, labels, tau, adjust, ignore_index, detach_targets)
+    rows, _ = torch.ops.pesf_kd.distill_fwd(s, t, labels, tau, adjust, ignore_index, detach_targets, strict)
     if reduction == "sum":
         rows = rows.sum(dim=1)
     elif reduction == "mean":
@@ -830,14 +863,16 @@ def _distill_terms_triton(s, t, labels, tau, adjust, ignore_index, reduction, de
 @torch.library.custom_op("pesf_kd::distill_loss_fused", mutates_args=())
 def _op_distill_loss(s: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, weights: list[float], tau: float,
                      adjust: bool, ignore_index: int, detach_targets: bool, reduction: str, need_ds: bool,
-                     need_dt: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                     need_dt: bool, strict: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     w = torch.tensor(weights, dtype=torch.float32, device=s.device)
     scale = (1.0 / _count_valid(labels, ignore_index).float()) if reduction == "mean" else \
         torch.ones((), dtype=torch.float32, device=s.device)
     g = (w * scale).contiguous()
-    if _kernel_runs_on(s):
-        rows, _, ds, dt = _launch_fwd(s, t, labels, tau, adjust, ignore_index,
-                                      grad=(g, detach_targets, need_ds, need_dt))
+    fused = _try_kernel(strict, lambda: _launch_fwd(s, t, labels, tau, adjust, ignore_index,
+                                                    grad=(g, detach_targets, need_ds, need_dt))) \
+        if _kernel_runs_on(s, strict) else None
+    if fused is not None:
+        rows, _, ds, dt = fused
     else:
         rows, vjp = torch.func.vjp(
             lambda a, b: _rows_torch(a, b, labels, tau, adjust, ignore_index, detach_targets), s, t)
@@ -849,7 +884,7 @@ def _op_distill_loss(s: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, wei
 
 
 @_op_distill_loss.register_fake
-def _(s, t, labels, weights, tau, adjust, ignore_index, detach_targets, reduction, need_ds, need_dt):
+def _(s, t, labels, weights, tau, adjust, ignore_index, detach_targets, reduction, need_ds, need_dt, strict=True):
     n = s.shape[0]
     return (s.new_empty((), dtype=torch.float32), s.new_empty((7, n), dtype=torch.float32),
             s.new_empty(s.shape) if need_ds else s.new_empty(0), t.new_empty(t.shape) if need_dt else t.new_empty(0))
@@ -872,7 +907,7 @@ def _distill_loss_backward(ctx, g_loss, g_rows, g_ds, g_dt):
         ds = ds * g_loss.to(ds.dtype) if need_ds and ds.numel() else ds
         dt = dt * g_loss.to(dt.dtype) if need_dt and dt.numel() else dt
     return ((ds if need_ds and ds.numel() else None), (dt if need_dt and dt.numel() else None),
-            None, None, None, None, None, None, None, None, None)
+            None, None, None, None, None, None, None, None, None, None)
 
 
 _op_distill_loss.register_autograd(_distill_loss_backward, setup_context=_distill_loss_setup)
@@ -902,8 +937,7 @@ def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, lab
     if unknown:
         raise ValueError(f"weights keys must be among {_FIELDS}, got {sorted(unknown)}")
     w = [float(weights.get(f, 0.0)) for f in _FIELDS]
-    use_triton = backend == "triton" or (backend == "auto" and student_logits.is_cuda and triton_available())
-    if not use_triton:
+    if not (backend == "triton" or (backend == "auto" and _auto_uses_kernel(student_logits))):
         terms = _distill_terms_torch(student_logits, teacher_logits, labels, float(tau), adjust, ignore_index,
                                      reduction, detach_targets)
         loss = sum(wf * x for wf, x in zip(w, terms) if wf != 0.0)
@@ -917,7 +951,7 @@ def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, lab
     need_dt = teacher_logits.requires_grad and torch.is_grad_enabled()
     loss, rows, _, _ = torch.ops.pesf_kd.distill_loss_fused(
         student_logits, teacher_logits, labels, w, float(tau), adjust, ignore_index, detach_targets, reduction,
-        need_ds, need_dt)
+        need_ds, need_dt, backend == "triton")
     red = rows.sum(dim=1)
     if reduction == "mean":
         red = red / _count_valid(labels, ignore_index)

@@ -77,7 +77,17 @@ class Adaptable(nn.Module):
 
     def _head(self, pooled: torch.Tensor, classifier: nn.Linear,
               dropout: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(pooled feature after the head adapter, logits); a LoRA head adapter replaces the classifier."""
+        """(pooled feature after the head adapter, logits); a LoRA head adapter replaces the classifier.
+
+        Under autocast a head with an adapter runs in fp32 (adapter, dropout, classifier): in bf16 an
+        adapter's offset below ~4e-3 of the O(1) pooled feature is rounded away before the logits."""
+        if self.adapter is not None and torch.is_autocast_enabled(pooled.device.type):
+            with torch.autocast(pooled.device.type, enabled=False):
+                return self._adapted_head(pooled.float(), classifier, dropout)
+        return self._adapted_head(pooled, classifier, dropout)
+
+    def _adapted_head(self, pooled: torch.Tensor, classifier: nn.Linear,
+                      dropout: nn.Module | None) -> tuple[torch.Tensor, torch.Tensor]:
         lora = isinstance(self.adapter, LoRALinear)
         if self.adapter is not None and not lora:
             pooled = self.adapter(pooled)

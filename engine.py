@@ -620,6 +620,24 @@ def wrap_ddp(distiller, dist_info: Dist) -> None:
                                                                            broadcast_buffers=False))
 
 
+def average_buffers(distiller, dist_info: Dist) -> None:
+    """Average the floating-point buffers (BatchNorm running statistics) of the trained children over ranks.
+
+    DDP runs with ``broadcast_buffers=False``, so each rank's running statistics follow its own data
+    shard; averaged before evaluation and checkpoints, every rank evaluates, and rank 0 saves, one model."""
+    if dist_info.world <= 1:
+        return
+    buffers = [b for name in distiller.trainable_module_names() for b in unwrap(getattr(distiller, name)).buffers()
+               if b.is_floating_point()]
+    for dtype in sorted({b.dtype for b in buffers}, key=str):   # the same order on every rank
+        same = [b for b in buffers if b.dtype == dtype]
+        flat = torch.cat([b.reshape(-1) for b in same])
+        dist.all_reduce(flat)
+        flat /= dist_info.world
+        for b, avg in zip(same, flat.split([b.numel() for b in same])):
+            b.copy_(avg.view_as(b))
+
+
 def distiller_state(distiller) -> dict:
     return {name: unwrap(child).state_dict() for name, child in distiller.named_children()}
 
@@ -815,6 +833,7 @@ def fit(cfg, dist_info: Dist, distiller, optimizer: torch.optim.Optimizer, train
             torch.cuda.synchronize()
         train_time = time.perf_counter() - started
         all_reduce_sum(sums)
+        average_buffers(distiller, dist_info)
         metrics = {"epoch": epoch + 1, **{f"train_{n}": float(v) / (len(train) * dist_info.world)
                                            for n, v in zip(step.names, sums)}}
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:

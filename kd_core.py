@@ -283,6 +283,7 @@ def _triton_interpreted() -> bool:
 
 
 _TRITON = None
+_TRITON_DEFINE_ERROR: Exception | None = None   # why the kernels could not be defined (not "no triton")
 
 
 def _interpreting() -> bool:
@@ -291,12 +292,13 @@ def _interpreting() -> bool:
 
 
 def _triton_kernels():
-    global _TRITON
+    global _TRITON, _TRITON_DEFINE_ERROR
     if _TRITON is None:
         try:
             _TRITON = _define_triton_kernels()
-        except Exception:  # ImportError, or a triton too old for the language features used
+        except Exception as exc:  # ImportError, or a triton too old for the language features used
             _TRITON = False
+            _TRITON_DEFINE_ERROR = None if isinstance(exc, ModuleNotFoundError) else exc
     return _TRITON or None
 
 
@@ -745,7 +747,24 @@ _KERNEL_FAILURE: str | None = None
 
 def _auto_uses_kernel(x: torch.Tensor) -> bool:
     """backend="auto": the kernel for CUDA tensors, unless it failed earlier in this process."""
-    return x.is_cuda and triton_available() and _KERNEL_FAILURE is None
+    return x.is_cuda and _kernel_usable()
+
+
+def _kernel_usable() -> bool:
+    # A triton that imports but cannot define the kernels counts as a kernel failure (warned once);
+    # no triton at all is the documented torch-only setup and stays silent.
+    if not triton_available() and _TRITON_DEFINE_ERROR is not None:
+        _report_kernel_failure(_TRITON_DEFINE_ERROR)
+    return triton_available() and _KERNEL_FAILURE is None
+
+
+def _report_kernel_failure(exc: Exception) -> None:
+    global _KERNEL_FAILURE
+    if _KERNEL_FAILURE is None:
+        lines = str(exc).strip().splitlines()
+        _KERNEL_FAILURE = f"{type(exc).__name__}: {lines[0] if lines else ''}"
+        warnings.warn(f"kd_core: the Triton kernel failed ({_KERNEL_FAILURE}); backend='auto' uses the "
+                      "PyTorch path for the rest of this process", RuntimeWarning, stacklevel=3)
 
 
 def _kernel_runs_on(x: torch.Tensor, strict: bool = True) -> bool:
@@ -755,7 +774,6 @@ def _kernel_runs_on(x: torch.Tensor, strict: bool = True) -> bool:
 
 def _try_kernel(strict: bool, launch):
     """``launch()``; when not strict, a failure warns once, disables the kernel and returns None."""
-    global _KERNEL_FAILURE
     try:
         return launch()
     except torch.cuda.OutOfMemoryError:  # not a kernel problem: the torch path would need the memory too
@@ -763,11 +781,7 @@ def _try_kernel(strict: bool, launch):
     except Exception as exc:
         if strict:
             raise
-        if _KERNEL_FAILURE is None:
-            lines = str(exc).strip().splitlines()
-            _KERNEL_FAILURE = f"{type(exc).__name__}: {lines[0] if lines else ''}"
-            warnings.warn(f"kd_core: the Triton kernel failed ({_KERNEL_FAILURE}); backend='auto' uses the "
-                          "PyTorch path for the rest of this process", RuntimeWarning, stacklevel=2)
+        _report_kernel_failure(exc)
         return None
 
 

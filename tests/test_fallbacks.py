@@ -102,6 +102,22 @@ def test_explicit_triton_backend_still_raises(kernel_on_cpu, monkeypatch, api):
     assert kd_core._KERNEL_FAILURE is None   # an explicit backend never switches "auto" off
 
 
+def test_a_triton_that_cannot_define_the_kernels_warns_once(monkeypatch):
+    monkeypatch.setattr(kd_core, "_KERNEL_FAILURE", None)
+    monkeypatch.setattr(kd_core, "_TRITON", False)
+    monkeypatch.setattr(kd_core, "_TRITON_DEFINE_ERROR", AttributeError("module 'triton.language' has no attribute 'x'"))
+    with pytest.warns(RuntimeWarning, match="AttributeError: module 'triton.language'"):
+        assert not kd_core._kernel_usable()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not kd_core._kernel_usable()
+    monkeypatch.setattr(kd_core, "_KERNEL_FAILURE", None)
+    monkeypatch.setattr(kd_core, "_TRITON_DEFINE_ERROR", None)   # no triton installed: silent
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not kd_core._kernel_usable()
+
+
 def test_failed_cuda_graph_capture_warns_once_and_runs_eagerly(monkeypatch):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 5))

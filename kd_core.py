@@ -267,7 +267,7 @@ _N_PART = 10                              # split-K partials: (m, Z1, Zt, W, arg
 # Launch configuration overrides (tests force several K blocks, several rows per program, split-K;
 # a GPU session can sweep them). Keys: block_k, rows, splits, bwd_block_k, bwd_rows, num_warps.
 _KD_TUNE: dict = {}
-_GPU_BWD_MAX_ROWS = 4
+_GPU_BWD_MAX_ROWS = 4   # rows per backward program on a GPU (kernels/aot_check.py: more spill at K = 100)
 
 
 @torch.compiler.assume_constant_result  # torch.compile: evaluated once at trace time, not traced
@@ -476,11 +476,12 @@ def _define_triton_kernels():
                       N, K, stride_s, stride_t, stride_ds, stride_dt, g_sf, g_sn, k_per_split,
                       tau, inv_tau, ignore_index,
                       ROWS: tl.constexpr, BLOCK_K: tl.constexpr, GRAD_BLOCK_K: tl.constexpr,
-                      SPLIT: tl.constexpr, ADJUST: tl.constexpr, GRAD: tl.constexpr, DETACH: tl.constexpr, WRITE_DS: tl.constexpr,
-                      WRITE_DT: tl.constexpr, OFF64: tl.constexpr):
+                      SPLIT: tl.constexpr, ADJUST: tl.constexpr, GRAD: tl.constexpr, DETACH: tl.constexpr,
+                      WRITE_DS: tl.constexpr, WRITE_DT: tl.constexpr, OFF64: tl.constexpr):
         # Grid (row blocks, K splits). One read of s and t per program's K range. SPLIT: store the
         # partial online-softmax states for kd_merge_kernel; else finalize here and, with GRAD
-        # (gradient-in-forward mode), sweep the row again writing ds and dt (L2-resident re-read).
+        # (gradient-in-forward mode), sweep the row again in GRAD_BLOCK_K blocks writing ds and dt
+        # (L2-resident re-read).
         pid_r = tl.program_id(0)
         pid_k = tl.program_id(1)
         rows = pid_r * ROWS + tl.arange(0, ROWS)
@@ -877,7 +878,8 @@ def _distill_terms_triton(s, t, labels, tau, adjust, ignore_index, reduction, de
 @torch.library.custom_op("pesf_kd::distill_loss_fused", mutates_args=())
 def _op_distill_loss(s: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, weights: list[float], tau: float,
                      adjust: bool, ignore_index: int, detach_targets: bool, reduction: str, need_ds: bool,
-                     need_dt: bool, strict: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                     need_dt: bool, strict: bool = True
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     w = torch.tensor(weights, dtype=torch.float32, device=s.device)
     scale = (1.0 / _count_valid(labels, ignore_index).float()) if reduction == "mean" else \
         torch.ones((), dtype=torch.float32, device=s.device)

@@ -276,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
         print("aot_check: triton is not importable", file=sys.stderr)
         return 2
     start = time.perf_counter()
-    results, failures = run(args.full, DEFAULT_VARIANTS if args.default_variants else VARIANTS, progress=lambda line: print(line, file=sys.stderr, flush=True))
+    variants = DEFAULT_VARIANTS if args.default_variants else VARIANTS
+    results, failures = run(args.full, variants, progress=lambda line: print(line, file=sys.stderr, flush=True))
     print(table(results))
     spilling = sum(1 for r in results if r.spill_stores or r.spill_loads)
     errors = sum(1 for r in results if r.error)

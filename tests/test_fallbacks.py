@@ -64,7 +64,8 @@ def test_auto_backend_falls_back_to_torch_once_when_the_kernel_fails(kernel_on_c
                 terms = kd_core.distill_terms(s, t, y, TAU, backend="auto")
                 loss = 0.9 * terms.kl_ts + 0.1 * terms.ce_s
             loss.backward()
-        mine = [w for w in caught if issubclass(w.category, RuntimeWarning) and "Triton kernel failed" in str(w.message)]
+        mine = [w for w in caught
+                if issubclass(w.category, RuntimeWarning) and "Triton kernel failed" in str(w.message)]
         # One warning, naming the cause (first line only), at the first failure; silence afterwards.
         assert len(mine) == (1 if seed == 0 else 0)
         if seed == 0:
@@ -105,7 +106,8 @@ def test_explicit_triton_backend_still_raises(kernel_on_cpu, monkeypatch, api):
 def test_a_triton_that_cannot_define_the_kernels_warns_once(monkeypatch):
     monkeypatch.setattr(kd_core, "_KERNEL_FAILURE", None)
     monkeypatch.setattr(kd_core, "_TRITON", False)
-    monkeypatch.setattr(kd_core, "_TRITON_DEFINE_ERROR", AttributeError("module 'triton.language' has no attribute 'x'"))
+    monkeypatch.setattr(kd_core, "_TRITON_DEFINE_ERROR",
+                        AttributeError("module 'triton.language' has no attribute 'x'"))
     with pytest.warns(RuntimeWarning, match="AttributeError: module 'triton.language'"):
         assert not kd_core._kernel_usable()
     with warnings.catch_warnings():

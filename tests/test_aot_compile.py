@@ -23,7 +23,8 @@ def _aot_supported() -> bool:
         return False
 
 
-@pytest.mark.skipif(not _aot_supported(), reason="needs a triton with knobs, the JIT binder internals and its bundled ptxas (as 3.8)")
+@pytest.mark.skipif(not _aot_supported(),
+                    reason="needs a triton with knobs, the JIT binder internals and its bundled ptxas (as 3.8)")
 def test_kernels_compile_for_gpu_targets_without_spills():
     # TRITON_INTERPRET is set for the whole CI run; the compiler needs it off before triton imports.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

@@ -475,13 +475,11 @@ def _define_triton_kernels():
     def _kd_fwd_kernel(s_ptr, t_ptr, y_ptr, rows_ptr, stats_ptr, part_ptr, ds_ptr, dt_ptr, g_ptr,
                       N, K, stride_s, stride_t, stride_ds, stride_dt, g_sf, g_sn, k_per_split,
                       tau, inv_tau, ignore_index,
-                      ROWS: tl.constexpr, BLOCK_K: tl.constexpr, GRAD_BLOCK_K: tl.constexpr,
-                      SPLIT: tl.constexpr, ADJUST: tl.constexpr, GRAD: tl.constexpr, DETACH: tl.constexpr,
+                      ROWS: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, ADJUST: tl.constexpr, GRAD: tl.constexpr, DETACH: tl.constexpr,
                       WRITE_DS: tl.constexpr, WRITE_DT: tl.constexpr, OFF64: tl.constexpr):
         # Grid (row blocks, K splits). One read of s and t per program's K range. SPLIT: store the
         # partial online-softmax states for kd_merge_kernel; else finalize here and, with GRAD
-        # (gradient-in-forward mode), sweep the row again in GRAD_BLOCK_K blocks writing ds and dt
-        # (L2-resident re-read).
+        # (gradient-in-forward mode), sweep the row again writing ds and dt (L2-resident re-read).
         pid_r = tl.program_id(0)
         pid_k = tl.program_id(1)
         rows = pid_r * ROWS + tl.arange(0, ROWS)
@@ -521,7 +519,7 @@ def _define_triton_kernels():
             if GRAD:
                 _kd_grad_loop(s_ptr, t_ptr, ds_ptr, dt_ptr, g_ptr, rows, row_ok, valid, y, jt, js, off_s, off_t,
                           N, K, stride_ds, stride_dt, g_sf, g_sn, 0, K, LS, LT, lse_s, lse_t, d_ts, d_st,
-                          sy, ty, tau, inv_tau, GRAD_BLOCK_K, ADJUST, DETACH, WRITE_DS, WRITE_DT, OFF64)
+                          sy, ty, tau, inv_tau, BLOCK_K, ADJUST, DETACH, WRITE_DS, WRITE_DT, OFF64)
 
     @triton.jit
     def _kd_merge_kernel(s_ptr, t_ptr, y_ptr, rows_ptr, stats_ptr, part_ptr, N, stride_s, stride_t, n_splits,
@@ -640,14 +638,15 @@ def _kd_config(n: int, k: int, elem_size: int, device: torch.device) -> dict:
     bwd_rows = _KD_TUNE.get("bwd_rows") or max(1, min(bwd_tile // bwd_block_k, 64, _next_pow2(max(1, n)),
                                                       _GPU_BWD_MAX_ROWS if gpu else 64))
     num_warps = _KD_TUNE.get("num_warps") or (4 if rows * block_k <= 2048 else 8)
-    # Gradient-in-forward: the forward program runs the backward's tile loop after its own, so that
-    # loop and the program's rows keep to the backward's limits (the full forward tile spills).
+    # Gradient-in-forward: the forward program also runs the backward's tile loop, so its tile keeps
+    # to the backward's limits (the full 16-bit forward tile spills, or sits at 255 registers).
     gif_rows = min(rows, bwd_rows)
     gif_block_k = min(block_k, bwd_block_k)
     return {"block_k": block_k, "rows": rows, "splits": splits, "k_per_split": k_per_split,
             "bwd_block_k": bwd_block_k, "bwd_rows": bwd_rows, "num_warps": num_warps,
             "gif_rows": gif_rows, "gif_block_k": gif_block_k,
-            "gif_num_warps": _KD_TUNE.get("num_warps") or (4 if gif_rows * block_k <= 2048 else 8)}
+            # 8 warps from 2048 elements: at 4 the fp32 program holds 16 per thread, 253 registers.
+            "gif_num_warps": _KD_TUNE.get("num_warps") or (4 if gif_rows * gif_block_k < 2048 else 8)}
 
 
 def _prep(s: torch.Tensor, t: torch.Tensor, labels: torch.Tensor):
@@ -693,15 +692,15 @@ def _launch_fwd(s, t, labels, tau, adjust, ignore_index, grad=None, out=None):
     split = cfg["splits"] > 1
     part = torch.empty((n, cfg["splits"], _N_PART), dtype=torch.float32, device=s.device) if split else rows
     fused = grad is not None and not split
-    prog_rows = cfg["gif_rows"] if fused else cfg["rows"]
+    prog_rows, block_k, warps = (cfg["gif_rows"], cfg["gif_block_k"], cfg["gif_num_warps"]) if fused else \
+        (cfg["rows"], cfg["block_k"], cfg["num_warps"])
     row_progs = -(-n // prog_rows)
     kern["fwd"][(row_progs, cfg["splits"])](
         s, t, labels, rows, stats, part, ds if fused and write_ds else s, dt if fused and write_dt else t, g,
         n, k, s.stride(0), t.stride(0), sds, sdt, 1, 0, cfg["k_per_split"],
         tau, 1.0 / tau, ignore_index,
-        ROWS=prog_rows, BLOCK_K=cfg["block_k"], GRAD_BLOCK_K=cfg["gif_block_k"] if fused else cfg["block_k"],
-        SPLIT=split, ADJUST=adjust, GRAD=fused, DETACH=detach, WRITE_DS=fused and write_ds,
-        WRITE_DT=fused and write_dt, OFF64=off64, num_warps=cfg["gif_num_warps" if fused else "num_warps"])
+        ROWS=prog_rows, BLOCK_K=block_k, SPLIT=split, ADJUST=adjust, GRAD=fused, DETACH=detach,
+        WRITE_DS=fused and write_ds, WRITE_DT=fused and write_dt, OFF64=off64, num_warps=warps)
     if split:
         kern["merge"][(row_progs,)](s, t, labels, rows, stats, part, n, s.stride(0), t.stride(0), cfg["splits"],
                                     tau, 1.0 / tau, ignore_index, ROWS=cfg["rows"], ADJUST=adjust, OFF64=off64)

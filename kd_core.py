@@ -645,8 +645,9 @@ def _kd_config(n: int, k: int, elem_size: int, device: torch.device) -> dict:
     return {"block_k": block_k, "rows": rows, "splits": splits, "k_per_split": k_per_split,
             "bwd_block_k": bwd_block_k, "bwd_rows": bwd_rows, "num_warps": num_warps,
             "gif_rows": gif_rows, "gif_block_k": gif_block_k,
-            # 8 warps from 2048 elements: at 4 the fp32 program holds 16 per thread, 253 registers.
-            "gif_num_warps": _KD_TUNE.get("num_warps") or (4 if gif_rows * gif_block_k < 2048 else 8)}
+            # 8 warps from 1024 elements (aot_check: at 4, 2048 fp32 take 253 registers and 1024 fp16
+            # with detached targets spill 4 bytes on sm_90).
+            "gif_num_warps": _KD_TUNE.get("num_warps") or (4 if gif_rows * gif_block_k < 1024 else 8)}
 
 
 def _prep(s: torch.Tensor, t: torch.Tensor, labels: torch.Tensor):

@@ -475,8 +475,9 @@ def _define_triton_kernels():
     def _kd_fwd_kernel(s_ptr, t_ptr, y_ptr, rows_ptr, stats_ptr, part_ptr, ds_ptr, dt_ptr, g_ptr,
                       N, K, stride_s, stride_t, stride_ds, stride_dt, g_sf, g_sn, k_per_split,
                       tau, inv_tau, ignore_index,
-                      ROWS: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, ADJUST: tl.constexpr, GRAD: tl.constexpr, DETACH: tl.constexpr,
-                      WRITE_DS: tl.constexpr, WRITE_DT: tl.constexpr, OFF64: tl.constexpr):
+                      ROWS: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, ADJUST: tl.constexpr,
+                      GRAD: tl.constexpr, DETACH: tl.constexpr, WRITE_DS: tl.constexpr,
+                      WRITE_DT: tl.constexpr, OFF64: tl.constexpr):
         # Grid (row blocks, K splits). One read of s and t per program's K range. SPLIT: store the
         # partial online-softmax states for kd_merge_kernel; else finalize here and, with GRAD
         # (gradient-in-forward mode), sweep the row again writing ds and dt (L2-resident re-read).

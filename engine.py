@@ -826,6 +826,9 @@ def fit(cfg, dist_info: Dist, distiller, optimizer: torch.optim.Optimizer, train
                           float(sums[0]) / (i + 1) if (i + 1) % cfg.log_every == 0 or last else None)
             if save_every and (i + 1) % save_every == 0 and not last:
                 check_finite(sums, step.names, epoch, i)     # never a checkpoint of a diverged run
+                # The running statistics are linear in the batches, so averaging here changes nothing
+                # later but makes the saved model the ranks' common one (as at the epoch's end).
+                average_buffers(distiller, dist_info)
                 rank_sums = gather_rows(sums)
                 if dist_info.main:
                     save_atomic(checkpoint(epoch, i + 1, rank_sums), last_path)

@@ -90,6 +90,7 @@ def build_config(cls, path: str | None = None, sets: list[str] | None = None, ov
             raise ConfigError(f"--set expects key=value, got {item!r}")
         values[key.strip()] = yaml.safe_load(raw)
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    values.pop("git_commit", None)   # provenance in a run folder's config.yaml, so that it loads back as a config
     unknown = sorted(set(values) - set(hints))
     if unknown:
         raise ConfigError(f"unknown config key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(hints))}")
@@ -434,6 +435,20 @@ def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
 # ----------------------------------------------------------------------------------------------
 # Logs: config.yaml, metrics.jsonl, summary.json in the run folder; console on rank 0
 # ----------------------------------------------------------------------------------------------
+def git_commit() -> str:
+    """The commit of this checkout, with ``-dirty`` when tracked files differ from it; ``unknown`` outside git."""
+    import subprocess
+    root = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return sha + ("-dirty" if dirty else "")
+
+
 class RunLog:
     def __init__(self, out: str | Path, enabled: bool = True) -> None:
         self.out = Path(out)
@@ -447,7 +462,7 @@ class RunLog:
 
     def write_config(self, cfg: dict) -> None:
         if self.enabled:
-            (self.out / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+            (self.out / "config.yaml").write_text(yaml.safe_dump({**cfg, "git_commit": git_commit()}, sort_keys=False))
 
     def append_metrics(self, row: dict) -> None:
         if self.enabled:
@@ -654,10 +669,54 @@ def _autocast(device: torch.device, amp_dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
 
 
+class TestOutputs:
+    """The last evaluation's outputs, saved as ``outputs.pt`` in the run folder for report.py's figures.
+
+    A dict: ``index`` (int64 [R], the rows' positions in the test/dev set, sorted), ``labels`` (int64 [R]),
+    ``student_logits`` / ``teacher_logits`` (float16 [R, K]) and ``student_features`` / ``teacher_features``
+    (float16 [R, D], the pooled penultimate features; teacher entries only when there is a teacher) and
+    ``rows_total``. When all rows would exceed ``OUTPUTS_BYTES``, every k-th row (by index) is kept.
+    """
+
+    OUTPUTS_BYTES = 8 * 2**20
+
+    def __init__(self) -> None:
+        self.parts: list[dict[str, torch.Tensor]] = []
+
+    def add(self, index: torch.Tensor, labels: torch.Tensor, student_logits: torch.Tensor, student_features: torch.Tensor,
+            teacher_logits: torch.Tensor | None, teacher_features: torch.Tensor | None) -> None:
+        part = {"index": index, "labels": labels, "student_logits": student_logits, "student_features": student_features,
+                "teacher_logits": teacher_logits, "teacher_features": teacher_features}
+        self.parts.append({k: v.detach().to("cpu", torch.float16 if v.is_floating_point() else v.dtype)
+                           for k, v in part.items() if v is not None})
+
+    def save(self, path: str | Path, dist_info: Dist) -> None:
+        """Gather every rank's rows (collective: call on all ranks); rank 0 writes ``path``."""
+        parts = self.parts
+        if dist_info.world > 1:
+            gathered: list = [None] * dist_info.world
+            dist.all_gather_object(gathered, parts)
+            parts = [p for rank_parts in gathered for p in rank_parts]
+        if not dist_info.main or not parts:
+            return
+        out = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        # DDP may pad a shard with repeated rows: keep each index once, in set order.
+        index, first = np.unique(out["index"].numpy(), return_index=True)
+        keep = torch.from_numpy(first)
+        row_bytes = sum(v[0].numel() * v.element_size() for v in out.values())
+        stride = max(1, math.ceil(len(keep) * row_bytes / self.OUTPUTS_BYTES))
+        keep = keep[::stride]
+        out = {k: v[keep].contiguous() for k, v in out.items()}
+        out["rows_total"] = len(index)
+        save_atomic(out, path)
+
+
 @torch.no_grad()
-def evaluate(distiller, batches, amp_dtype: torch.dtype | None, device: torch.device) -> dict[str, float]:
+def evaluate(distiller, batches, amp_dtype: torch.dtype | None, device: torch.device,
+             outputs: TestOutputs | None = None) -> dict[str, float]:
     """``top1`` (for two-class tasks also ``f1`` of class 1 and ``mcc``, Matthews' correlation) of the
-    student, the teacher's, and the consistency metrics of SPEC sec. 1 between them, over ``batches``."""
+    student, the teacher's, and the consistency metrics of SPEC sec. 1 between them, over ``batches``;
+    ``outputs`` collects the logits and pooled features of every row."""
     import kd_core
     distiller.eval()
     student = unwrap(distiller.student)
@@ -666,10 +725,12 @@ def evaluate(distiller, batches, amp_dtype: torch.dtype | None, device: torch.de
     counts = torch.zeros(9, dtype=torch.float64, device=device)
     meter = kd_core.ConsistencyMeter()
     two_class = False
-    for x, y, _ in batches.epoch(0):
+    for x, y, index in batches.epoch(0):
         with _autocast(device, amp_dtype):
             s, s_feats = student(x, features=True)
             t, t_feats = teacher(x, features=True) if teacher is not None else (None, None)
+        if outputs is not None:
+            outputs.add(index, y, s, s_feats["pooled"], t, t_feats["pooled"] if t_feats is not None else None)
         two_class = s.shape[1] == 2
         counts[0] += len(y)
         for offset, logits in ((1, s), (5, t)):
@@ -760,7 +821,8 @@ def fit(cfg, dist_info: Dist, distiller, optimizer: torch.optim.Optimizer, train
     ``cfg`` supplies epochs, lr_schedule, lr_milestones, lr_decay, warmup_epochs, log_every,
     eval_every, cuda_graph, out and (optionally) save_every. Writes config.yaml, metrics.jsonl, last.pt
     and best.pt (atomically, at the end of every epoch, and last.pt also every ``save_every`` steps
-    inside an epoch); ``resume`` is the checkpoint to continue from (``open_run``).
+    inside an epoch) and, after the last epoch, outputs.pt (``TestOutputs``); ``resume`` is the
+    checkpoint to continue from (``open_run``).
     """
     device = dist_info.device
     updated_params = distiller.updated_params()
@@ -839,8 +901,11 @@ def fit(cfg, dist_info: Dist, distiller, optimizer: torch.optim.Optimizer, train
         average_buffers(distiller, dist_info)
         metrics = {"epoch": epoch + 1, **{f"train_{n}": float(v) / (len(train) * dist_info.world)
                                            for n, v in zip(step.names, sums)}}
-        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-            metrics.update(evaluate(distiller, test, amp_dtype, device))
+        final = TestOutputs() if epoch + 1 == cfg.epochs else None
+        if (epoch + 1) % cfg.eval_every == 0 or final is not None:
+            metrics.update(evaluate(distiller, test, amp_dtype, device, final))
+            if final is not None:
+                final.save(Path(cfg.out) / "outputs.pt", dist_info)
         metrics.update({f"lr_{g['name']}": g["lr"] for g in optimizer.param_groups})
         metrics.update(epoch_time_s=time.perf_counter() - started,
                        batch_time_ms=1000 * train_time / max(len(train) - skip, 1))

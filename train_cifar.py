@@ -325,6 +325,9 @@ def quickstart(base: CifarConfig) -> None:
         "at this CPU size (12,000 images, 4 epochs) the teacher reaches about 14 % top-1 and distillation does "
         "not help yet: the students are too short-trained for the teacher's soft labels to matter. The GPU "
         "quickstart (resnet56 -> resnet20, full data, 15 epochs) is the size at which to compare methods."))
+    import report   # what `python report.py <root> --out <root>/report` writes
+    tables = report.write_report([str(root)], root / "report")
+    print(f"\nreport: {tables}, figures and their CSVs beside it", flush=True)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -206,6 +206,10 @@ def test_quickstart_cpu_mode_reduced(fake_cifar, tmp_path, capsys):
                enumerate(("teacher (resnet14, ce)", "resnet8 ce", "resnet8 kd", "resnet8 pesf"), 1)]
     assert headers == sorted(headers) and "What to expect: at this CPU size" in out
     assert "(this and 3 more runs)" in out[headers[0]:headers[1]] and "more run" not in out[headers[3]:]
+    # It ends with report.py's tables and figures, and says where they are.
+    assert f"report: {tmp_path / 'qs' / 'report' / 'tables.md'}" in out.splitlines()[-1]
+    assert "| pesf |" in (tmp_path / "qs" / "report" / "tables.md").read_text()
+    assert (tmp_path / "qs" / "report" / "fig3_sharpness_gap_cifar100_resnet14_resnet8.png").is_file()
 
 
 def test_ddp_two_processes_match_one(fake_cifar, teacher_ckpt, tmp_path):

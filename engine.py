@@ -683,10 +683,12 @@ class TestOutputs:
     def __init__(self) -> None:
         self.parts: list[dict[str, torch.Tensor]] = []
 
-    def add(self, index: torch.Tensor, labels: torch.Tensor, student_logits: torch.Tensor, student_features: torch.Tensor,
-            teacher_logits: torch.Tensor | None, teacher_features: torch.Tensor | None) -> None:
-        part = {"index": index, "labels": labels, "student_logits": student_logits, "student_features": student_features,
-                "teacher_logits": teacher_logits, "teacher_features": teacher_features}
+    def add(self, index: torch.Tensor, labels: torch.Tensor, student_logits: torch.Tensor,
+            student_features: torch.Tensor, teacher_logits: torch.Tensor | None,
+            teacher_features: torch.Tensor | None) -> None:
+        part = {"index": index, "labels": labels, "student_logits": student_logits,
+                "student_features": student_features, "teacher_logits": teacher_logits,
+                "teacher_features": teacher_features}
         self.parts.append({k: v.detach().to("cpu", torch.float16 if v.is_floating_point() else v.dtype)
                            for k, v in part.items() if v is not None})
 

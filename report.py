@@ -43,7 +43,8 @@ NOT_AN_EXPERIMENT = {"seed", "out", "data_dir", "download", "device", "log_every
 METRICS = {"top1": ("top-1", 2, 1), "best_top1": ("best top-1", 2, 1), "score": ("score", 2, 1),
            "kl": ("KL", 3, 1), "pl": ("PL", 1, 100), "agreement": ("agreement", 1, 1), "gap": ("gap", 3, 1),
            "cka_logits": ("CKA logits", 3, 1), "cka_features": ("CKA features", 3, 1),
-           "batch_time_ms": ("batch ms", 1, 1), "teacher_top1": ("teacher top-1", 2, 1)}
+           "batch_time_ms": ("batch ms", 1, 1), "teacher_top1": ("teacher top-1", 2, 1),
+           "updated_params": ("updated params (M)", 2, 1e-6), "batch_time": ("paper batch time", 3, 1)}
 TSNE_CLASSES = 7
 TSNE_ROWS_PER_CLASS = 100
 
@@ -259,7 +260,8 @@ def top1_tables(groups: list[Group], paper: dict) -> list[str]:
                 row.append(with_paper(g, "top1", paper) if g else "")
             rows.append(row)
         out.append(f"## {title}\n\nmean ± std over seeds · the paper's number (table) and Δ = measured − paper. "
-                   f"† = no label adjustment.\n\n" + md_table(["method", *settings], rows) + f"\n\n{provenance(chosen)}")
+                   f"† = no label adjustment.\n\n" + md_table(["method", *settings], rows)
+                   + f"\n\n{provenance(chosen)}")
     return out
 
 
@@ -277,19 +279,16 @@ def cost_tables(groups: list[Group], paper: dict) -> list[str]:
             ratio = f"{ms / kd_ms:.2f}" if ms and kd_ms else "–"
             own = paper.get((task, setting, g.method, "batch_time"), [])
             paper_ratio = f"{own[0]['value'] / kd_paper[0]['value']:.2f}" if own and kd_paper else "–"
-            params = mean_std(g.values("updated_params"))[0]
             rows.append([g.label, cell(g.values("batch_time_ms"), "batch_time_ms"), ratio,
                          paper_cell(paper, g, "batch_time"), paper_ratio,
-                         f"{params / 1e6:.2f}M" if params is not None else "–",
-                         paper_cell(paper, g, "updated_params").replace(".00", "").replace(" (T", "M (T", 1)
-                         if paper.get((task, setting, g.method, "updated_params")) else "–",
+                         cell(g.values("updated_params"), "updated_params"), paper_cell(paper, g, "updated_params"),
                          with_paper(g, "top1", paper)])
         table = 7 if task == "cifar100" else 2
         out.append(f"## Table {table}: {task} {setting}, training cost\n\nBatch time is per training step on the "
                    f"machine that ran it (the paper's is on its GPU, units not stated): compare the ratios to KD. "
                    f"The paper's parameter counts include the frozen teacher for KD; ours count updated parameters "
                    f"only.\n\n" + md_table(["method", "batch ms", "÷ KD", "paper batch time", "paper ÷ KD",
-                                             "updated params", "paper params", "top-1"], rows)
+                                             "updated params (M)", "paper params (M)", "top-1"], rows)
                    + f"\n\n{provenance(chosen)}")
     return out
 
@@ -337,7 +336,8 @@ def runs_table(groups: list[Group]) -> str:
     rows = [[g.task, g.setting, g.label, str(len(g.runs)), ", ".join(str(r.config.get("seed")) for r in g.runs),
              cell(g.values("top1"), "top1"), cell(g.values("best_top1"), "best_top1"),
              ", ".join(sorted({r.commit[:12] for r in g.runs}))] for g in groups]
-    return "## Runs\n\n" + md_table(["task", "setting", "group", "runs", "seeds", "top-1", "best top-1", "commit"], rows)
+    header = ["task", "setting", "group", "runs", "seeds", "top-1", "best top-1", "commit"]
+    return "## Runs\n\n" + md_table(header, rows)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -456,8 +456,9 @@ def write_csv(path: Path, rows: list[dict]) -> None:
         writer.writerows({k: ("" if v is None else v) for k, v in r.items()} for r in rows)
 
 
-def draw(plt, path: Path, title: str, rows: list[dict], kind: str, footer: str) -> None:
-    """One axes per panel. kind: line (x numeric, error bars), bar (x categorical), hist (density), scatter."""
+def draw(plt, path: Path, title: str, rows: list[dict], kind: str | dict[str, str], footer: str) -> None:
+    """One axes per panel. kind (or panel -> kind): line (x numeric, error bars), bar (x categorical),
+    hist (density), scatter."""
     panels = list(dict.fromkeys(r["panel"] for r in rows))
     cols = min(len(panels), 3)
     fig, axes = plt.subplots(-(-len(panels) // cols), cols, figsize=(4.6 * cols, 3.6 * -(-len(panels) // cols)),
@@ -467,7 +468,7 @@ def draw(plt, path: Path, title: str, rows: list[dict], kind: str, footer: str) 
     for ax, panel in zip(axes.flat, panels):
         mine = [r for r in rows if r["panel"] == panel]
         series = list(dict.fromkeys(r["series"] for r in mine))
-        panel_kind = "hist" if kind == "line" and panel.startswith("per-row") else kind
+        panel_kind = kind.get(panel, "line") if isinstance(kind, dict) else kind
         if panel_kind == "bar":
             cats = list(dict.fromkeys(r["x"] for r in mine))
             width = 0.8 / len(series)
@@ -515,8 +516,8 @@ def make_figures(groups: list[Group], out: Path, log=print) -> list[tuple[str, s
         where = slug(f"{task}_{setting}")
         plans += [(f"fig2_major_logits_{where}", f"Fig. 2: normalised major logits, {task} {setting}", "hist",
                    fig2_rows(taught), taught),
-                  (f"fig3_sharpness_gap_{where}", f"Fig. 3: sharpness gap, {task} {setting}", "line",
-                   fig3_rows(taught), taught),
+                  (f"fig3_sharpness_gap_{where}", f"Fig. 3: sharpness gap, {task} {setting}",
+                   {"per-row gap": "hist"}, fig3_rows(taught), taught),
                   (f"fig7_8_cka_{where}", f"Figs. 7-8: linear CKA, {task} {setting}", "bar",
                    bar_rows(taught, "cka_features", "CKA of penultimate features (Fig. 7)")
                    + bar_rows(taught, "cka_logits", "CKA of predictions (Fig. 8)"), taught)]

@@ -165,17 +165,20 @@ def test_csvs_hold_independent_numbers(runs, made):
     fig7 = next(r for r in cka if r["series"] == "kd" and r["panel"].endswith("(Fig. 7)"))
     assert float(fig7["y"]) == pytest.approx(np.mean([s["cka_features"] for s in kd]))
     # Curves: per-epoch mean over the seeds' metrics.jsonl rows.
-    rows = [json.loads(ln) for s in (0, 1) for ln in (runs / f"kd_tau4.0_s{s}" / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(ln) for s in (0, 1)
+            for ln in (runs / f"kd_tau4.0_s{s}" / "metrics.jsonl").read_text().splitlines()]
     curve = read_csv(made / "curves_cifar100_resnet8_resnet8_kd.csv")
     for epoch in (1, 2):
         for panel, series, key in (("top-1", "student", "top1"), ("train loss", "kl", "train_kl"), ("KL", "KL", "kl")):
             want = [r[key] for r in rows if r["epoch"] == epoch]
             got = next(r for r in curve if (r["panel"], r["series"], r["x"]) == (panel, series, str(epoch)))
-            assert float(got["y"]) == pytest.approx(np.mean(want)) and float(got["std"]) == pytest.approx(np.std(want, ddof=1))
+            assert float(got["y"]) == pytest.approx(np.mean(want))
+            assert float(got["std"]) == pytest.approx(np.std(want, ddof=1))
     # Fig. 3: mean gap against tau from the summaries; the per-row histogram from outputs.pt (float64 logsumexp).
     gap = read_csv(made / "fig3_sharpness_gap_cifar100_resnet8_resnet8.csv")
     by_tau = {float(r["x"]): float(r["y"]) for r in gap if r["panel"] == "mean gap vs tau" and r["series"] == "pesf"}
-    assert by_tau == pytest.approx({2.0: summaries(runs, "pesf", 2.0)[0]["gap"], 4.0: np.mean([s["gap"] for s in pesf])})
+    assert by_tau == pytest.approx({2.0: summaries(runs, "pesf", 2.0)[0]["gap"],
+                                    4.0: np.mean([s["gap"] for s in pesf])})
     outs = [torch.load(runs / f"kd_tau4.0_s{s}" / "outputs.pt", weights_only=True) for s in (0, 1)]
     rows_gap = np.concatenate([(o["teacher_logits"].double().logsumexp(1) - o["student_logits"].double().logsumexp(1))
                                .numpy() for o in outs])
@@ -185,7 +188,8 @@ def test_csvs_hold_independent_numbers(runs, made):
     assert density.sum() * width == pytest.approx(1.0) and hist[0]["n"] == str(len(rows_gap))
     assert (centres * density).sum() * width == pytest.approx(rows_gap.mean(), abs=width)
     sweep = {float(r["x"]): float(r["y"]) for r in read_csv(made / "sweep_tau_cifar100_resnet8_resnet8.csv")}
-    assert sweep == pytest.approx({2.0: summaries(runs, "pesf", 2.0)[0]["top1"], 4.0: np.mean([s["top1"] for s in pesf])})
+    assert sweep == pytest.approx({2.0: summaries(runs, "pesf", 2.0)[0]["top1"],
+                                   4.0: np.mean([s["top1"] for s in pesf])})
 
 
 def test_every_figure_is_written_with_its_csv(made):
@@ -212,7 +216,8 @@ def test_a_broken_run_folder_is_one_line_and_skipped(runs, tmp_path, capsys):
         target.unlink() if text is None else target.write_text(text)
     shutil.copytree(runs / "kd_tau4.0_s1", tmp_path / "in" / "good")
     capsys.readouterr()
-    assert report.main([str(tmp_path / "in"), str(tmp_path / "nowhere"), "--out", str(tmp_path / "out"), "--no-figures"]) == 0
+    args = [str(tmp_path / "in"), str(tmp_path / "nowhere"), "--out", str(tmp_path / "out"), "--no-figures"]
+    assert report.main(args) == 0
     captured = capsys.readouterr()
     lines = (captured.out + captured.err).splitlines()
     for name, (file, _) in damage.items():

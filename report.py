@@ -175,7 +175,13 @@ def group_runs(runs: list[Run]) -> list[Group]:
         groups += by_variant.values()
     for g in groups:
         g.runs.sort(key=lambda r: (r.config.get("seed", 0), str(r.path)))
-    return sorted(groups, key=lambda g: (g.task, g.setting, g.method, json.dumps(g.variant, default=str)))
+    return sorted(groups, key=lambda g: (g.task, g.setting, g.method, [_sort_key(v) for _, v in g.variant]))
+
+
+def _sort_key(value) -> tuple:
+    """Numbers in numeric order (a sweep's 2 before 10), then everything else as text."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return (0, float(value), "") if number else (1, 0.0, str(value))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -233,3 +233,5 @@ def test_ddp_two_processes_match_one(fake_cifar, teacher_ckpt, tmp_path):
             den += d1.pow(2).sum().item()
     # BatchNorm sees per-rank halves of the batch, so the match is close but not exact.
     assert den > 0 and (num / den) ** 0.5 < 0.2
+    # outputs.pt gathers both ranks' shards of the test set, each row once.
+    assert torch.equal(torch.load(tmp_path / "two" / "outputs.pt", weights_only=True)["index"], torch.arange(100))

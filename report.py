@@ -143,6 +143,11 @@ class Group:
         return self.runs[0].config.get(key)
 
 
+def place(task: str, setting: str) -> str:
+    """A heading's "task setting", once for GLUE, whose setting is the task."""
+    return task if setting == task else f"{task} {setting}"
+
+
 def task_of(config: dict) -> str:
     if "task" in config:
         return str(config["task"])
@@ -290,7 +295,7 @@ def cost_tables(groups: list[Group], paper: dict) -> list[str]:
                          cell(g.values("updated_params"), "updated_params"), paper_cell(paper, g, "updated_params"),
                          with_paper(g, "top1", paper)])
         table = 7 if task == "cifar100" else 2
-        out.append(f"## Table {table}: {task} {setting}, training cost\n\nBatch time is per training step on the "
+        out.append(f"## Table {table}: {place(task, setting)}, training cost\n\nBatch time is per training step on the "
                    f"machine that ran it (the paper's is on its GPU, units not stated): compare the ratios to KD. "
                    f"The paper's parameter counts include the frozen teacher for KD; ours count updated parameters "
                    f"only.\n\n" + md_table(["method", "batch ms", "÷ KD", "paper batch time", "paper ÷ KD",
@@ -312,8 +317,8 @@ def consistency_tables(groups: list[Group], paper: dict) -> list[str]:
             f" · paper {paper_cell(paper, g, m, mean_std(g.values(m))[0])}"
             if paper.get((task, setting, g.method, m)) else "") for m in metrics)] for g in chosen]
         header = ["method", METRICS[score][0], *(METRICS[m][0] for m in metrics)]
-        out.append(f"## Tables 10/11/13: {task} {setting}, teacher-student consistency\n\nOn the test (GLUE: dev) "
-                   f"set after the last epoch: KL(t ‖ s) at τ = 1, PL in %, agreement in %, gap = mean of "
+        out.append(f"## Tables 10/11/13: {place(task, setting)}, teacher-student consistency\n\nOn the test "
+                   f"(GLUE: dev) set after the last epoch: KL(t ‖ s) at τ = 1, PL in %, agreement in %, gap = mean of "
                    f"logsumexp(t) − logsumexp(s), linear CKA.\n\n" + md_table(header, rows)
                    + f"\n\n{provenance(chosen)}")
     return out
@@ -520,22 +525,22 @@ def make_figures(groups: list[Group], out: Path, log=print) -> list[tuple[str, s
         chosen = [g for g in groups if (g.task, g.setting) == (task, setting)]
         taught = [g for g in chosen if g.values("kl")]
         where = slug(f"{task}_{setting}")
-        plans += [(f"fig2_major_logits_{where}", f"Fig. 2: normalised major logits, {task} {setting}", "hist",
+        plans += [(f"fig2_major_logits_{where}", f"Fig. 2: normalised major logits, {place(task, setting)}", "hist",
                    fig2_rows(taught), taught),
-                  (f"fig3_sharpness_gap_{where}", f"Fig. 3: sharpness gap, {task} {setting}",
+                  (f"fig3_sharpness_gap_{where}", f"Fig. 3: sharpness gap, {place(task, setting)}",
                    {"per-row gap": "hist"}, fig3_rows(taught), taught),
-                  (f"fig7_8_cka_{where}", f"Figs. 7-8: linear CKA, {task} {setting}", "bar",
+                  (f"fig7_8_cka_{where}", f"Figs. 7-8: linear CKA, {place(task, setting)}", "bar",
                    bar_rows(taught, "cka_features", "CKA of penultimate features (Fig. 7)")
                    + bar_rows(taught, "cka_logits", "CKA of predictions (Fig. 8)"), taught)]
         try:
-            plans.append((f"fig9_tsne_{where}", f"Fig. 9: t-SNE of student features, {task} {setting}", "scatter",
+            plans.append((f"fig9_tsne_{where}", f"Fig. 9: t-SNE of student features, {place(task, setting)}", "scatter",
                           tsne_rows(chosen), chosen))
         except ImportError:
             log("Fig. 9 (t-SNE) skipped: scikit-learn is not installed (pip install scikit-learn)")
         for key in dict.fromkeys(k for g in chosen for k, _ in g.variant):
             rows = sweep_rows(chosen, key, "top1", f"top-1 vs {key}")
             if len({r["x"] for r in rows}) > 1:
-                plans.append((f"sweep_{slug(key)}_{where}", f"Figs. 10-13: top-1 against {key}, {task} {setting}",
+                plans.append((f"sweep_{slug(key)}_{where}", f"Figs. 10-13: top-1 against {key}, {place(task, setting)}",
                               "line", rows, chosen))
     plans.append(("fig4_top1", "Fig. 4: top-1 (mean ± std over seeds)", "bar",
                   [r for g in groups for r in bar_rows([g], "top1", g.task)], groups))

@@ -318,8 +318,8 @@ def consistency_tables(groups: list[Group], paper: dict) -> list[str]:
             if paper.get((task, setting, g.method, m)) else "") for m in metrics)] for g in chosen]
         header = ["method", METRICS[score][0], *(METRICS[m][0] for m in metrics)]
         out.append(f"## Tables 10/11/13: {place(task, setting)}, teacher-student consistency\n\nOn the test "
-                   f"(GLUE: dev) set after the last epoch: KL(t ‖ s) at τ = 1, PL in %, agreement in %, gap = mean of "
-                   f"logsumexp(t) − logsumexp(s), linear CKA.\n\n" + md_table(header, rows)
+                   f"(GLUE: dev) set after the last epoch: KL(t ‖ s) at τ = 1, PL in %, agreement in %, "
+                   f"gap = mean of logsumexp(t) − logsumexp(s), linear CKA.\n\n" + md_table(header, rows)
                    + f"\n\n{provenance(chosen)}")
     return out
 

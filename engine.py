@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -435,6 +436,7 @@ def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
 # ----------------------------------------------------------------------------------------------
 # Logs: config.yaml, metrics.jsonl, summary.json in the run folder; console on rank 0
 # ----------------------------------------------------------------------------------------------
+@functools.cache   # the first call's answer: later runs of one process (quickstart, sweeps) run the code it loaded
 def git_commit() -> str:
     """The commit of this checkout, with ``-dirty`` when tracked files differ from it; ``unknown`` outside git."""
     import subprocess

@@ -487,7 +487,8 @@ def draw(plt, path: Path, title: str, rows: list[dict], kind: str | dict[str, st
                 pts = [r for r in mine if r["series"] == s]
                 ax.bar([cats.index(r["x"]) + i * width for r in pts], [r["y"] for r in pts], width,
                        yerr=[r["std"] or 0 for r in pts], capsize=3, label=s)
-            ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cats))], [str(c) for c in cats])
+            ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cats))], [str(c) for c in cats], fontsize=7,
+                          rotation=10)
         else:
             for s in series:
                 pts = [r for r in mine if r["series"] == s]

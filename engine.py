@@ -671,7 +671,7 @@ def _autocast(device: torch.device, amp_dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
 
 
-class TestOutputs:
+class EvalOutputs:
     """The last evaluation's outputs, saved as ``outputs.pt`` in the run folder for report.py's figures.
 
     A dict: ``index`` (int64 [R], the rows' positions in the test/dev set, sorted), ``labels`` (int64 [R]),
@@ -717,7 +717,7 @@ class TestOutputs:
 
 @torch.no_grad()
 def evaluate(distiller, batches, amp_dtype: torch.dtype | None, device: torch.device,
-             outputs: TestOutputs | None = None) -> dict[str, float]:
+             outputs: EvalOutputs | None = None) -> dict[str, float]:
     """``top1`` (for two-class tasks also ``f1`` of class 1 and ``mcc``, Matthews' correlation) of the
     student, the teacher's, and the consistency metrics of SPEC sec. 1 between them, over ``batches``;
     ``outputs`` collects the logits and pooled features of every row."""
@@ -825,7 +825,7 @@ def fit(cfg, dist_info: Dist, distiller, optimizer: torch.optim.Optimizer, train
     ``cfg`` supplies epochs, lr_schedule, lr_milestones, lr_decay, warmup_epochs, log_every,
     eval_every, cuda_graph, out and (optionally) save_every. Writes config.yaml, metrics.jsonl, last.pt
     and best.pt (atomically, at the end of every epoch, and last.pt also every ``save_every`` steps
-    inside an epoch) and, after the last epoch, outputs.pt (``TestOutputs``); ``resume`` is the
+    inside an epoch) and, after the last epoch, outputs.pt (``EvalOutputs``); ``resume`` is the
     checkpoint to continue from (``open_run``).
     """
     device = dist_info.device
@@ -905,7 +905,7 @@ def fit(cfg, dist_info: Dist, distiller, optimizer: torch.optim.Optimizer, train
         average_buffers(distiller, dist_info)
         metrics = {"epoch": epoch + 1, **{f"train_{n}": float(v) / (len(train) * dist_info.world)
                                            for n, v in zip(step.names, sums)}}
-        final = TestOutputs() if epoch + 1 == cfg.epochs else None
+        final = EvalOutputs() if epoch + 1 == cfg.epochs else None
         if (epoch + 1) % cfg.eval_every == 0 or final is not None:
             metrics.update(evaluate(distiller, test, amp_dtype, device, final))
             if final is not None:

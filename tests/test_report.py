@@ -97,8 +97,8 @@ def test_outputs_pt_holds_the_final_test_outputs(runs, fake_cifar):
 
 
 def test_outputs_over_budget_keep_every_kth_row_once(monkeypatch, tmp_path):
-    monkeypatch.setattr(engine.TestOutputs, "OUTPUTS_BYTES", 4000)
-    collected = engine.TestOutputs()
+    monkeypatch.setattr(engine.EvalOutputs, "OUTPUTS_BYTES", 4000)
+    collected = engine.EvalOutputs()
     logits, feats = torch.randn(40, 10), torch.randn(40, 4)
     # Two shards out of order, the second padded with a repeat of row 0 (DDP eval padding).
     order = torch.cat([torch.arange(20, 40), torch.arange(0, 20), torch.tensor([0])])

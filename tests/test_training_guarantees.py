@@ -129,6 +129,9 @@ def test_augmentation_flips_and_crops():
     # Offsets uniform on 0..8 in each axis: the centre crop alone would give 128 x (4, 4).
     assert sum(o == (4, 4) for o in offsets) < 12
     assert len({dy for dy, _ in offsets}) == 9 and len({dx for _, dx in offsets}) == 9
+    # A fresh permutation every epoch.
+    orders = [torch.cat([idx for _, _, idx in batches.epoch(e)]) for e in (0, 1)]
+    assert not torch.equal(*orders)
 
 
 def test_imagenet_training_transform_flips_and_crops(tmp_path):
@@ -213,6 +216,23 @@ def test_distributed_evaluation_and_losses_equal_one_process(tmp_path):
                 per_step.append({k: float(v) for k, v in fresh(x, y, index)[1].items()})
     for name in ("kl", "ce"):
         assert logged[f"train_{name}"] == pytest.approx(sum(p[name] for p in per_step) / len(per_step), rel=1e-5)
+
+
+def test_evaluation_runs_in_eval_mode_and_leaves_batchnorm_statistics_alone():
+    torch.manual_seed(0)
+    d = build_distiller("kd", models.build_model("resnet8", 3), models.build_model("resnet8", 3), DistillConfig())
+    g = torch.Generator().manual_seed(6)
+    images, labels = torch.randint(0, 256, (20, 3, 32, 32), dtype=torch.uint8, generator=g), torch.arange(20) % 3
+    test = train_cifar.DeviceBatches(images, labels, 8, torch.device("cpu"), train=False)
+    stats = {k: v.clone() for k, v in d.student.state_dict().items() if "running" in k}
+    d.train()
+    out = engine.evaluate(d, test, None, torch.device("cpu"))
+    assert all(torch.equal(v, d.student.state_dict()[k]) for k, v in stats.items())
+    with torch.no_grad():
+        x = torch.cat([b[0] for b in test.epoch(0)])
+        d.student.eval()
+        expected = 100 * float((d.student(x).argmax(1) == labels).double().mean())
+    assert out["top1"] == pytest.approx(expected, rel=1e-12)
 
 
 # ----------------------------------------------------------------------------------------------

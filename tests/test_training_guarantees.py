@@ -21,7 +21,7 @@ from distillers import FEATURE_TERMS, DistillConfig, build_distiller
 from distillers.feature import CRD
 from train_cifar import CifarConfig
 
-TINY = dict(teacher="resnet8", student="resnet8", epochs=2, batch_size=16, limit_batches=2, eval_batch_size=50,
+TINY = dict(teacher="resnet8", student="resnet8", epochs=2, batch_size=16, limit_batches=2, eval_batch_size=16,
             log_every=1)
 
 

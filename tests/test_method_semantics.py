@@ -22,7 +22,7 @@ from models.common import is_adapter_key
 
 D = torch.float64
 C, N, SIZE = 5, 6, 16
-ALPHA, TAU, W_TCE, W_TKL, BETA = 0.7, 3.0, 0.3, 0.2, 0.37
+ALPHA, TAU, W_TCE, W_TKL, BETA = 0.7, 3.0, 0.45, 0.2, 0.37   # 1 - ALPHA = 0.3: no weight equals another
 CFG = dict(alpha=ALPHA, tau=TAU, w_tce=W_TCE, w_tkl=W_TKL, lr=0.05, teacher_lr=0.011, adapter_lr=0.007,
            backend="torch")
 

@@ -69,7 +69,7 @@ def batch(seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(N, 3, SIZE, SIZE, generator=g, dtype=D)
     y = torch.tensor([0, 1, 2, 3, 4, 1])
-    return x, y, torch.tensor([3, 0, 7, 12, 5, 9])
+    return x, y, torch.tensor([10, 1, 7, 3, 14, 6])   # bank rows whose label (row % C) is y
 
 
 def cnn_distiller(method, num_train=20, **cfg):
@@ -81,7 +81,8 @@ def cnn_distiller(method, num_train=20, **cfg):
         for name, p in teacher.named_parameters():
             if is_adapter_key(name):
                 p.normal_(0, 0.3)
-    d = build_distiller(method, student, teacher, DistillConfig(**{**CFG, **cfg}), num_train=num_train).double()
+    labels = torch.arange(num_train) % C     # the training set's labels (CRD draws negatives of other classes)
+    d = build_distiller(method, student, teacher, DistillConfig(**{**CFG, **cfg}), train_labels=labels).double()
     d.train()
     return d
 
@@ -328,7 +329,7 @@ def test_feature_term_objective_and_routing(name, base):
         term.k = 7
         drawn = []
         sample = term.sample_indices
-        term.sample_indices = lambda i: drawn.append(sample(i)) or drawn[-1]
+        term.sample_indices = lambda i, labels: drawn.append(sample(i, labels)) or drawn[-1]
         bank_s, bank_t = term.memory_s.clone(), term.memory_t.clone()
     losses, (s, sf), (t, tf) = run(d, x, y, index)
     logit = expected_losses(base, s.detach(), t.detach(), y)
@@ -345,7 +346,8 @@ def test_feature_term_objective_and_routing(name, base):
             # The bank moves halfway to this batch's embeddings and stays on the unit sphere.
             assert torch.allclose(term.memory_s[index], unit(0.5 * bank_s[index] + 0.5 * v_s))
             assert torch.allclose(term.memory_t[index], unit(0.5 * bank_t[index] + 0.5 * v_t))
-            assert (drawn[0][:, 1:] != index[:, None]).all()
+            negatives = drawn[0][:, 1:]
+            assert (negatives != index[:, None]).all() and ((negatives % C) != y[:, None]).all()
         else:
             ref = feature_reference(name, term, sf_, tf_)
     # 1e-5: PKT adds eps = 1e-7 to the norms and probabilities, CRD to the NCE ratios.

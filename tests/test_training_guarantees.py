@@ -88,7 +88,7 @@ def test_resume_with_dropout_is_bit_identical(fake_cifar, tmp_path, monkeypatch)
 def test_resume_with_crd_bank_is_bit_identical(fake_cifar, teacher_ckpt, tmp_path, monkeypatch):
     """CRD draws its negatives from the global RNG and keeps a momentum bank: both must continue exactly."""
     def small_crd(student, teacher, cfg, num_train):   # 64 negatives instead of 16384: the same code, faster
-        return CRD(student.feature_dim, teacher.feature_dim, num_train, k=64)
+        return CRD(student.feature_dim, teacher.feature_dim, num_train, k=64, negatives=cfg.crd_negatives)
 
     monkeypatch.setitem(FEATURE_TERMS, "crd", small_crd)
     a, b = straight_and_resumed(tmp_path, fake_cifar, monkeypatch, method="kd+crd", teacher_ckpt=str(teacher_ckpt))

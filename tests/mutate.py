@@ -52,8 +52,8 @@ CIFAR_RUNS = [*TEACHER_MOVES, f"{CIFAR}::test_resume_is_bit_identical"]
 CIFAR_DATA = [f"{CIFAR}::test_augmentation_is_a_padded_crop_with_optional_flip",
               f"{CIFAR}::test_epoch_permutation_is_sharded_without_overlap", f"{CIFAR}::test_resume_is_bit_identical",
               f"{LOOP}::test_augmentation_flips_and_crops", f"{LOOP}::test_resume_with_dropout_is_bit_identical"]
-DIST_EVAL = [f"{KD_CORE}::test_consistency_meter_all_reduce_gloo", f"{ENGINE}", f"{CIFAR}::test_ddp_two_processes_match_one",
-             f"{LOOP}::test_distributed_evaluation_equals_single_process"]
+DIST_EVAL = [f"{KD_CORE}::test_consistency_meter_all_reduce_gloo", ENGINE,
+             f"{CIFAR}::test_ddp_two_processes_match_one", f"{LOOP}::test_distributed_evaluation_equals_single_process"]
 RESUME = [f"{CIFAR}::test_resume_is_bit_identical", f"{FEAT}::test_crd_bank_survives_resume",
           f"{LOOP}::test_resume_with_dropout_is_bit_identical", f"{LOOP}::test_resume_with_crd_bank_is_bit_identical"]
 METRICS = [KD_CORE, ENGINE, f"{LOOP}::test_consistency_metrics_where_agreement_is_not_accuracy"]
@@ -72,7 +72,8 @@ MUTANTS = [
     Mutant("terms-mean-over-all-rows", "kd_core.py", "count = valid.sum().clamp(min=1)",
            "count = torch.tensor(float(len(labels)))", [KD_CORE, SEM], "ignored rows counted in the mean"),
     Mutant("meter-kl-direction", "kd_core.py", 'self.kl += float(kl_div(t, s, 1.0, reduction="sum"))',
-           'self.kl += float(kl_div(s, t, 1.0, reduction="sum"))', METRICS, "consistency KL(s || t) instead of KL(t || s)"),
+           'self.kl += float(kl_div(s, t, 1.0, reduction="sum"))', METRICS,
+           "consistency KL(s || t) instead of KL(t || s)"),
     Mutant("meter-pl-swapped", "kd_core.py", "self.pl += float(_loyalty_rows(t, s).sum())",
            "self.pl += float(_loyalty_rows(s, t).sum())", METRICS,
            "probability loyalty with its arguments swapped (expected equivalent: the JSD is symmetric)"),
@@ -101,7 +102,8 @@ MUTANTS = [
            "adjust=self.use_label_adjust(True),\n                                      detach_targets=True",
            [SEM, *TEACHER_MOVES], "FT-KD's KL sends no gradient into the teacher"),
     Mutant("ftkd-teacher-ce-weight", "distillers/logit.py",
-           '''"teacher_ce": self.cfg.w_tce * terms.ce_t}\n\n\nclass PESF''', '''"teacher_ce": terms.ce_t}\n\n\nclass PESF''',
+           '''"teacher_ce": self.cfg.w_tce * terms.ce_t}\n\n\nclass PESF''',
+           '''"teacher_ce": terms.ce_t}\n\n\nclass PESF''',
            [SEM, *TEACHER_MOVES], "FT-KD's teacher CE unweighted"),
     Mutant("pesf-no-detach", "distillers/logit.py",
            "s, t, s_feats, t_feats = self._students_and_teachers(x, teacher_grad=True)\n"
@@ -117,8 +119,10 @@ MUTANTS = [
     Mutant("pesf-w-tkl-ignored", "distillers/logit.py", '''"teacher_kl": w_tkl * terms.kl_st''',
            '''"teacher_kl": self.cfg.alpha * terms.kl_st''', [SEM, *CIFAR_RUNS], "PESF-KD ignores w_tkl"),
     Mutant("pesf-no-label-adjust", "distillers/logit.py",
-           "teacher_grad=True)\n        terms = kd_core.distill_terms(s, t, y, self.cfg.tau, adjust=self.use_label_adjust(True)",
-           "teacher_grad=True)\n        terms = kd_core.distill_terms(s, t, y, self.cfg.tau, adjust=self.use_label_adjust(False)",
+           "teacher_grad=True)\n        terms = kd_core.distill_terms(s, t, y, self.cfg.tau, "
+           "adjust=self.use_label_adjust(True)",
+           "teacher_grad=True)\n        terms = kd_core.distill_terms(s, t, y, self.cfg.tau, "
+           "adjust=self.use_label_adjust(False)",
            [SEM, *CIFAR_RUNS], "PESF-KD without label adjustment by default"),
     Mutant("dml-temperature", "distillers/logit.py", "terms = kd_core.distill_terms(s, t, y, 1.0,",
            "terms = kd_core.distill_terms(s, t, y, self.cfg.tau,", [SEM, *TEACHER_MOVES], "DML at the KD temperature"),
@@ -158,8 +162,10 @@ MUTANTS = [
     Mutant("vid-no-log-variance", "distillers/feature.py", "/ var + var.log())).mean()", "/ var)).mean()", [FEAT, SEM],
            "VID's NLL without the log-variance term"),
     Mutant("crd-own-bank", "distillers/feature.py", "out_s = torch.exp(torch.bmm(self.memory_t[idx]",
-           "out_s = torch.exp(torch.bmm(self.memory_s[idx]", [FEAT, SEM], "CRD's student anchor scored against its own bank"),
-    Mutant("crd-bank-not-normalised", "distillers/feature.py", "memory.index_copy_(0, index, F.normalize(mixed, dim=1))",
+           "out_s = torch.exp(torch.bmm(self.memory_s[idx]", [FEAT, SEM],
+           "CRD's student anchor scored against its own bank"),
+    Mutant("crd-bank-not-normalised", "distillers/feature.py",
+           "memory.index_copy_(0, index, F.normalize(mixed, dim=1))",
            "memory.index_copy_(0, index, mixed)", [FEAT, SEM, *RESUME], "CRD's bank rows not renormalised"),
     Mutant("crd-negatives-any-class", "distillers/feature.py",
            "return torch.cat([index[:, None], pos if order is None else order[pos]], 1)",
@@ -170,7 +176,8 @@ MUTANTS = [
            "return F.mse_loss(F.normalize(_fp32(s), dim=-1), F.normalize(_fp32(t), dim=-1))",
            "return F.mse_loss(_fp32(s), _fp32(t))", NLP, "PKD without L2-normalising the [CLS] vectors"),
     Mutant("pkd-layer-map", "distillers/nlp.py", "return [(k, k * step) for k in range(1, student_layers)]",
-           "return [(k, k * step - 1) for k in range(1, student_layers)]", NLP, "PKD maps onto the wrong teacher layers"),
+           "return [(k, k * step - 1) for k in range(1, student_layers)]", NLP,
+           "PKD maps onto the wrong teacher layers"),
     Mutant("tinybert-no-mask", "distillers/nlp.py",
            'keep = s_feats["attention_mask"][:, None, None, :].bool()',
            'keep = torch.ones_like(s_feats["attention_mask"][:, None, None, :]).bool()', NLP,
@@ -181,7 +188,8 @@ MUTANTS = [
     # engine.py: the training loop
     Mutant("resume-no-rng", "engine.py", "        set_rng_state(ckpt[\"rng\"])\n", "", RESUME,
            "--resume without restoring the RNG state (the issue's third example)"),
-    Mutant("no-zero-grad", "engine.py", "            self.optimizer.zero_grad(set_to_none=True)\n            return self._step",
+    Mutant("no-zero-grad", "engine.py",
+           "            self.optimizer.zero_grad(set_to_none=True)\n            return self._step",
            "            return self._step", [ENGINE, LOOP, *CIFAR_RUNS], "gradients accumulate across steps"),
     Mutant("eval-no-all-reduce", "engine.py", "    all_reduce_sum(counts)\n", "", DIST_EVAL,
            "accuracy counts not all-reduced across ranks"),
@@ -198,7 +206,8 @@ MUTANTS = [
     Mutant("cifar-no-flip", "train_cifar.py", "flip = torch.rand(per_rank, generator=aug, device=self.device) < 0.5",
            "flip = torch.rand(per_rank, generator=aug, device=self.device) < 0.0", CIFAR_DATA,
            "horizontal flip silently off"),
-    Mutant("cifar-no-crop", "train_cifar.py", "shift = torch.randint(0, 9, (2, per_rank), generator=aug, device=self.device)",
+    Mutant("cifar-no-crop", "train_cifar.py",
+           "shift = torch.randint(0, 9, (2, per_rank), generator=aug, device=self.device)",
            "shift = torch.randint(4, 5, (2, per_rank), generator=aug, device=self.device)", CIFAR_DATA,
            "random crop silently off (always the centre)"),
     Mutant("cifar-same-order-every-epoch", "train_cifar.py",

@@ -7,7 +7,6 @@ extra heads it reaches); the train/eval modes and BatchNorm statistics of every 
 The plain ``--method NAME`` composition of a feature term belongs to issue 14; here: ``kd+NAME`` and
 ``pesf+NAME``.
 """
-import math
 
 import pytest
 import torch
@@ -388,7 +387,8 @@ def tokens():
     mask = torch.ones(4, 7, dtype=torch.long)
     mask[1, 5:] = 0
     mask[3, 3:] = 0
-    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}, torch.tensor([0, 2, 1, 2])
+    x = {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
+    return x, torch.tensor([0, 2, 1, 2])
 
 
 @pytest.mark.parametrize("base", ["kd", "pesf"])

@@ -2,11 +2,9 @@
 RNG (dropout) and with CRD's bank and negatives, the augmentation (statistically), distributed evaluation
 and logged losses against one process, the consistency metrics where agreement differs from accuracy, and
 one optimiser step per batch (no gradient carried over)."""
-import dataclasses
 import json
 import math
 import socket
-from pathlib import Path
 
 import pytest
 import torch

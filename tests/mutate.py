@@ -43,6 +43,7 @@ SEM = "tests/test_method_semantics.py"
 LOOP = "tests/test_training_guarantees.py"
 KD_CORE = "tests/test_kd_core.py"
 FEAT = "tests/test_feature_methods.py"
+OBJECTIVES = "tests/test_feature_objectives.py"
 ENGINE = "tests/test_engine.py"
 MODELS = "tests/test_models.py"
 CIFAR = "tests/test_train_cifar.py"
@@ -169,9 +170,10 @@ MUTANTS = [
            "memory.index_copy_(0, index, mixed)", [FEAT, SEM, *RESUME], "CRD's bank rows not renormalised"),
     Mutant("crd-negatives-any-class", "distillers/feature.py",
            "return torch.cat([index[:, None], pos if order is None else order[pos]], 1)",
-           "return torch.cat([index[:, None], pos], 1)", [FEAT, SEM], "CRD's negatives drawn from every class"),
+           "return torch.cat([index[:, None], pos], 1)", [OBJECTIVES, SEM], "CRD's negatives drawn from every class"),
     Mutant("feature-alone-ce-weight", "distillers/logit.py", 'losses = {"ce": F.cross_entropy(s.to(',
-           'losses = {"ce": 0.1 * F.cross_entropy(s.to(', [FEAT, SEM], "--method NAME with KD's 0.1 on its CE"),
+           'losses = {"ce": 0.1 * F.cross_entropy(s.to(', [OBJECTIVES, FEAT, SEM],
+           "--method NAME with KD's 0.1 on its CE"),
     Mutant("pkd-unnormalised", "distillers/nlp.py",
            "return F.mse_loss(F.normalize(_fp32(s), dim=-1), F.normalize(_fp32(t), dim=-1))",
            "return F.mse_loss(_fp32(s), _fp32(t))", NLP, "PKD without L2-normalising the [CLS] vectors"),

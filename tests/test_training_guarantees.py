@@ -159,10 +159,10 @@ def _data(n_train=64, n_test=37):
 
 
 def _distiller():
-    # No BatchNorm: under DDP each rank keeps its own running statistics (broadcast_buffers=False), and the
-    # checkpoint holds rank 0's; that is issue 9's to settle. No dropout: the ranks' losses are computed here.
+    # A BatchNorm student: each rank updates its running statistics on its own half batches, and they must be
+    # averaged before the evaluation and the checkpoint. No dropout: the ranks' losses are computed here.
     torch.manual_seed(0)
-    return build_distiller("kd", DropoutNet(2, p=0.0), DropoutNet(2, p=0.0), DistillConfig(lr=0.0))
+    return build_distiller("kd", models.build_model("resnet8", 2), DropoutNet(2, p=0.0), DistillConfig(lr=0.0))
 
 
 def _fit_cfg(out: str) -> CifarConfig:
@@ -202,8 +202,8 @@ def test_distributed_evaluation_and_losses_equal_one_process(tmp_path):
     engine.load_distiller_state(d, torch.load(tmp_path / "ddp" / "last.pt", weights_only=False)["distiller"])
     whole = engine.evaluate(d, train_cifar.DeviceBatches(xt, yt, 50, cpu, train=False), None, cpu)
     assert whole["teacher_top1"] != whole["top1"] or whole["agreement"] != whole["top1"]
-    for key, value in whole.items():
-        assert logged[key] == pytest.approx(value, rel=1e-9, abs=1e-9), key
+    for key, value in whole.items():   # 1e-6: float32 logits summed per batch, in other batches
+        assert logged[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
 
     fresh = _distiller()
     fresh.train()

@@ -866,6 +866,7 @@ def fit(cfg, dist_info: Dist, distiller, optimizer: torch.optim.Optimizer, train
     per_step_lr = cfg.lr_schedule != "step" and not step.cuda_graph
     lr_now = None
     for epoch in range(start_epoch, cfg.epochs):
+        distiller.begin_epoch(epoch, cfg.epochs)
         distiller.train()
         sums, started = None, time.perf_counter()
         skip = start_step if epoch == start_epoch else 0
@@ -916,6 +917,7 @@ def fit(cfg, dist_info: Dist, distiller, optimizer: torch.optim.Optimizer, train
         log.append_metrics(metrics)
         log.print(format_epoch(metrics))
         history["last_metrics"] = metrics
+        history["train_time_s"] = history.get("train_time_s", 0.0) + metrics["epoch_time_s"]
         is_best = metrics.get("top1", -math.inf) > best
         best = max(best, metrics.get("top1", -math.inf))
         if dist_info.main:
@@ -923,9 +925,95 @@ def fit(cfg, dist_info: Dist, distiller, optimizer: torch.optim.Optimizer, train
             save_atomic(ckpt, last_path)
             if is_best:
                 save_atomic(ckpt, best_path)
+            if epoch + 1 in getattr(cfg, "anchor_epochs", ()):
+                save_anchor(ckpt["model"], epoch + 1, Path(cfg.out))
     return {**{k: metrics.get(k) for k in SUMMARY_KEYS}, **{k: metrics[k] for k in TWO_CLASS_KEYS if k in metrics},
-            "best_top1": best,
-            "teacher_top1_initial": history.get("teacher_top1_initial"), "updated_params": updated_params}
+            "best_top1": best, "teacher_top1_initial": history.get("teacher_top1_initial"),
+            "updated_params": updated_params, "train_time_s": history.get("train_time_s", 0.0)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Teacher anchors (RCO): the model alone, at the epochs listed in ``anchor_epochs``
+# ----------------------------------------------------------------------------------------------
+def save_anchor(model_state: dict, epoch: int, out: Path) -> Path:
+    """``<out>/anchors/epoch_XXXX.pt``: ``{"model": state_dict, "epoch": epoch}``, no optimiser state."""
+    path = out / "anchors" / f"epoch_{epoch:04d}.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_atomic({"model": model_state, "epoch": epoch}, path)
+    return path
+
+
+def load_anchors(folder: str | Path) -> list[dict]:
+    """The anchors a teacher run saved, in epoch order; a clear error when there are none."""
+    paths = sorted(Path(folder).glob("epoch_*.pt"))
+    if not paths:
+        raise FileNotFoundError(f"no teacher anchors (epoch_*.pt) in {folder}: train the teacher with "
+                                f"--set anchor_epochs=[...] (method ce) to keep its route")
+    return [load_file(p, "teacher anchor")["model"] for p in paths]
+
+
+# ----------------------------------------------------------------------------------------------
+# Multi-stage methods: a list of ordinary runs, each in its own folder, resumable inside any stage
+# ----------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One run of a multi-stage method. ``name`` is its sub-folder of the run folder; the last stage runs
+    in the run folder itself. ``trains`` says which network the stage produces for later stages
+    (``student``: its student, ``teacher``: its trained teacher); ``teacher_from`` names the earlier stage
+    whose network teaches this one (None: the run's teacher); ``student`` picks the network the stage
+    trains (``student`` or ``assistant``)."""
+    name: str
+    method: str
+    trains: str = "student"
+    teacher_from: str | None = None
+    student: str = "student"
+
+
+STAGES_FILE = "stages.json"
+
+
+def run_stages(cfg, stages: list[Stage], stage_config, run_one, resume: bool, log: RunLog) -> dict:
+    """Run ``stages`` in order, ``run_one(stage_cfg, resume) -> summary`` for each.
+
+    ``stage_config(cfg, stage, out, source)`` makes a stage's config, running into ``out``; ``source`` is
+    ``(run folder, Stage)`` of the stage named by ``teacher_from`` (None when there is none). ``<out>/stages.json`` records finished stages: with ``resume`` they are skipped and
+    the first unfinished one continues from its own ``last.pt`` (or starts, when it has none). Returns
+    the last stage's summary with ``updated_params`` and ``train_time_s`` summed over the stages and
+    ``stages`` (per stage: run folder, updated params, train time, top-1).
+    """
+    out = Path(cfg.out)
+    record = out / STAGES_FILE
+    done: dict = json.loads(record.read_text()) if resume and record.is_file() else {}
+    folders = {s.name: str(out / s.name) for s in stages[:-1]}
+    folders[stages[-1].name] = str(out)
+    by_name = {s.name: s for s in stages}
+    summary: dict = {}
+    for i, stage in enumerate(stages):
+        if stage.name in done:
+            log.print(f"stage {i + 1}/{len(stages)} ({stage.name}): finished earlier, skipped")
+            summary = done[stage.name]["summary"]
+            continue
+        source = (folders[stage.teacher_from], by_name[stage.teacher_from]) if stage.teacher_from else None
+        stage_cfg = stage_config(cfg, stage, folders[stage.name], source)
+        stage_resume = resume and (Path(stage_cfg.out) / "last.pt").is_file()
+        log.print(f"stage {i + 1}/{len(stages)} ({stage.name}): {stage.method} into {stage_cfg.out}"
+                  + (" (resumed)" if stage_resume else ""))
+        summary = run_one(stage_cfg, resume=stage_resume)
+        done[stage.name] = {"out": stage_cfg.out, "method": stage.method, "summary": summary}
+        if log.enabled:
+            out.mkdir(parents=True, exist_ok=True)
+            tmp = out / f".{STAGES_FILE}.tmp"
+            tmp.write_text(json.dumps(done, indent=2) + "\n")
+            os.replace(tmp, record)
+    per_stage = {name: {"out": d["out"], "method": d["method"], "updated_params": d["summary"]["updated_params"],
+                        "train_time_s": d["summary"]["train_time_s"], "top1": d["summary"]["top1"],
+                        "teacher_top1": d["summary"].get("teacher_top1")}
+                 for name, d in done.items()}
+    total = {**summary, "method": cfg.method, "teacher": cfg.teacher, "stages": per_stage,
+             "updated_params": sum(d["updated_params"] for d in per_stage.values()),
+             "train_time_s": sum(d["train_time_s"] for d in per_stage.values())}
+    log.write_summary(total)
+    return total
 
 
 def benchmark(cfg, dist_info: Dist, distiller, optimizer: torch.optim.Optimizer, batches,

@@ -25,7 +25,7 @@ import torch.nn as nn
 
 import engine
 import models
-from distillers import DistillConfig, build_distiller, method_names, needs_teacher
+from distillers import STAGED_METHODS, DistillConfig, build_distiller, method_names, needs_teacher
 from distillers.feature import run_init_stage
 from distillers.nlp import FACTORIES as BERT_ONLY_TERMS
 from models.cifar import MODELS as CIFAR_MODELS
@@ -41,6 +41,7 @@ class CifarConfig:
     teacher: str = "resnet56"
     student: str = "resnet20"
     teacher_ckpt: str | None = None
+    assistant: str = "resnet32"             # takd: the teacher assistant (between resnet56 and resnet20 in depth)
     data_dir: str = field(default_factory=lambda: os.environ.get("PESF_DATA", "./data"))
     download: bool = False
     out: str | None = None                  # may name config keys: runs/x_s{seed}; default: run_folder()
@@ -66,6 +67,8 @@ class CifarConfig:
     feat_weight: float | None = None
     init_epochs: int | None = None          # fitnet/ab/ft/fsp initialisation stage; None: the method's default
     crd_negatives: str = "other_class"      # other_class (RepDistiller's default) | uniform
+    anchor_epochs: list[int] = field(default_factory=list)   # keep the model after these epochs (rco's anchors)
+    anchors_dir: str | None = None          # rco: the teacher run's anchors/ folder
     train_subset: int = 0                   # use only the first N training images (0: all)
     seed: int = 0
     device: str = "auto"
@@ -230,10 +233,26 @@ def run_folder(cfg: CifarConfig) -> str:
     return f"runs/cifar/{cfg.method}_{pair}_s{cfg.seed}"
 
 
+def stage_config(cfg: CifarConfig, stage: engine.Stage, out: str,
+                 source: tuple[str, engine.Stage] | None) -> CifarConfig:
+    """One stage of a multi-stage method: its method and network, taught by ``source``'s product if any."""
+    changes = dict(method=stage.method, out=out, student=cfg.assistant if stage.student == "assistant" else cfg.student)
+    if source is not None:
+        folder, made_by = source
+        if made_by.trains == "teacher":
+            changes.update(teacher=cfg.teacher, teacher_ckpt=str(Path(folder) / "teacher.pt"))
+        else:
+            changes.update(teacher=cfg.assistant if made_by.student == "assistant" else cfg.student,
+                           teacher_ckpt=str(Path(folder) / "last.pt"))
+    return dataclasses.replace(cfg, **changes)
+
+
 def run(cfg: CifarConfig, resume: bool | str = False) -> dict:
     dist = engine.init_distributed(cfg.device)
     cfg, amp_dtype = resolve(cfg, dist)
     log = engine.RunLog(cfg.out, enabled=dist.main)
+    if cfg.method in STAGED_METHODS:
+        return engine.run_stages(cfg, STAGED_METHODS[cfg.method], stage_config, run, resume, log)
     resume_from = None if cfg.benchmark_steps else engine.open_run(resume, log)
     engine.seed_everything(cfg.seed)
 
@@ -268,6 +287,8 @@ def run(cfg: CifarConfig, resume: bool | str = False) -> dict:
     if cfg.benchmark_steps:
         return engine.benchmark(cfg, dist, distiller, optimizer, train, amp_dtype, log)
     summary = engine.fit(cfg, dist, distiller, optimizer, train, test, amp_dtype, log, resume=resume_from)
+    if dist.main and teacher is not None and distiller.teacher_mode != "frozen":   # a trained teacher, for later runs
+        engine.save_atomic({"model": engine.unwrap(distiller.teacher).state_dict()}, Path(cfg.out) / "teacher.pt")
     summary.update(method=cfg.method, teacher=cfg.teacher if teacher is not None else None, student=cfg.student,
                    epochs=cfg.epochs, seed=cfg.seed)
     log.write_summary(summary)

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 import engine
-from distillers import DistillConfig, build_distiller, needs_teacher
+from distillers import STAGED_METHODS, DistillConfig, build_distiller, needs_teacher
 from distillers.feature import run_init_stage
 from models.bert import BertForSequenceClassification, load_tokenizer, student_from_teacher
 
@@ -38,6 +38,9 @@ class GlueConfig:
     teacher: str | None = None              # Hugging Face folder; its vocab.txt tokenises the data
     student: str | None = None              # Hugging Face folder, or None: teacher layers student_layers
     student_layers: list[int] = field(default_factory=lambda: [0, 2, 4, 6, 8, 10])   # SPEC sec. 3
+    student_source: str | None = None       # the folder whose layers student_layers copies; None: the teacher
+    # takd: the assistant's layers, 9 of 12 (three of every four, a superset of the student's)
+    assistant_layers: list[int] = field(default_factory=lambda: [0, 1, 2, 4, 5, 6, 8, 9, 10])
     method: str = "kd"
     out: str | None = None                  # default: runs/glue/<task>/<method>[_noadj][_<slot>]_<student>_s<seed>
     max_length: int = 128                   # Zhou et al. 2022 (MetaDistil), which appendix A.1 follows
@@ -62,6 +65,8 @@ class GlueConfig:
     bottleneck: int = 32
     feat_weight: float | None = None        # beta of a feature term; None: its default (pkd: 100)
     init_epochs: int | None = None          # tinybert's intermediate-layer step; None: 10 epochs
+    anchor_epochs: list[int] = field(default_factory=list)   # keep the model after these epochs (rco's anchors)
+    anchors_dir: str | None = None          # rco: the teacher run's anchors/ folder
     train_subset: int = 0                   # use only the first N training rows (0: all)
     seed: int = 0
     device: str = "auto"
@@ -277,12 +282,14 @@ def build_models(cfg: GlueConfig, num_classes: int,
     if cfg.student:
         student = BertForSequenceClassification.from_pretrained(cfg.student, num_classes)
     else:
-        layers = used_student_layers(cfg.student_layers, teacher.config.num_hidden_layers)
+        source = BertForSequenceClassification.from_pretrained(cfg.student_source, num_classes) \
+            if cfg.student_source else teacher
+        layers = used_student_layers(cfg.student_layers, source.config.num_hidden_layers)
         if layers != cfg.student_layers:
-            log.print(f"note: the teacher has {teacher.config.num_hidden_layers} layers; student from teacher "
+            log.print(f"note: the teacher has {source.config.num_hidden_layers} layers; student from teacher "
                       f"layers {layers}")
         # The student copies the teacher's weights, not its adapters (those are built empty).
-        student = student_from_teacher(teacher, layers)
+        student = student_from_teacher(source, layers)
     return student, teacher if needs_teacher(cfg.method) else None
 
 
@@ -362,10 +369,25 @@ def default_out(cfg: GlueConfig) -> str:
     return f"runs/glue/{cfg.task}/{cfg.method}{variant}_{student}_s{cfg.seed}"
 
 
+def stage_config(cfg: GlueConfig, stage: engine.Stage, out: str,
+                 source: tuple[str, engine.Stage] | None) -> GlueConfig:
+    """One stage of a multi-stage method. Every student copies the run teacher's layers (as in ``kd``);
+    a stage taught by an earlier stage takes that stage's saved model folder as its teacher."""
+    changes = dict(method=stage.method, out=out,
+                   student_layers=cfg.assistant_layers if stage.student == "assistant" else cfg.student_layers)
+    if source is not None:
+        folder, made_by = source
+        changes.update(teacher=str(Path(folder) / made_by.trains),
+                       student_source=cfg.student_source or cfg.teacher)
+    return dataclasses.replace(cfg, **changes)
+
+
 def run(cfg: GlueConfig, resume: bool | str = False) -> dict:
     dist = engine.init_distributed(cfg.device)
     cfg, amp_dtype = resolve(cfg, dist)
     log = engine.RunLog(cfg.out, enabled=dist.main)
+    if cfg.method in STAGED_METHODS:
+        return engine.run_stages(cfg, STAGED_METHODS[cfg.method], stage_config, run, resume, log)
     resume_from = None if cfg.benchmark_steps else engine.open_run(resume, log)
     engine.seed_everything(cfg.seed)
     task = TASKS[cfg.task]

@@ -4,6 +4,8 @@ A method name is a logit method (``ce``, ``kd``, ``ftkd``, ``pesf``, ``dml``, ``
 term alone, or ``kd+NAME`` / ``pesf+NAME`` (the term added to that method's loss). Alone, a CV term
 runs as RepDistiller runs it, ``CE + beta * L_feat`` without KL (``FeatureDistiller``); ``pkd`` and
 ``tinybert`` mean ``kd+pkd`` and ``kd+tinybert``, since their papers' objectives include the KD term.
+``rco`` and ``sftn_teacher`` are logit methods too; ``takd`` and ``sftn`` are multi-stage methods
+(``STAGED_METHODS``: a list of such runs, run in order by ``engine.run_stages``).
 """
 from __future__ import annotations
 
@@ -17,10 +19,11 @@ from .feature import FACTORIES as FEATURE_FACTORIES
 from .nlp import FACTORIES as NLP_FACTORIES
 from .logit import (CEDistiller, DMLDistiller, FeatureDistiller, FeatureTerm, FTKDDistiller, KDCLDistiller,
                     KDDistiller, PESFDistiller, min_logit_ensemble)
+from .staged import STAGED_METHODS, RCODistiller, SFTNTeacherDistiller
 
 LOGIT_METHODS: dict[str, type[Distiller]] = {
     "ce": CEDistiller, "kd": KDDistiller, "ftkd": FTKDDistiller, "pesf": PESFDistiller,
-    "dml": DMLDistiller, "kdcl": KDCLDistiller,
+    "dml": DMLDistiller, "kdcl": KDCLDistiller, "rco": RCODistiller, "sftn_teacher": SFTNTeacherDistiller,
 }
 # name -> factory(student, teacher, cfg, num_train) -> FeatureTerm (distillers/feature.py).
 FEATURE_TERMS: dict[str, Callable[..., FeatureTerm]] = dict(FEATURE_FACTORIES)
@@ -36,7 +39,7 @@ WITH_FEATURE: dict[str, type[Distiller]] = {"ce": FeatureDistiller, "kd": KDDist
 
 def method_names() -> list[str]:
     combos = [f"{base}+{name}" for base in COMBINABLE for name in FEATURE_TERMS]
-    return sorted(LOGIT_METHODS) + sorted(FEATURE_TERMS) + combos
+    return sorted(LOGIT_METHODS) + sorted(STAGED_METHODS) + sorted(FEATURE_TERMS) + combos
 
 
 def parse_method(method: str) -> tuple[str, str | None]:
@@ -73,8 +76,11 @@ def build_distiller(method: str, student: nn.Module, teacher: nn.Module | None, 
 
 
 def needs_teacher(method: str) -> bool:
+    if method in STAGED_METHODS:
+        return True
     return _distiller_class(method).needs_teacher
 
 
 __all__ = ["DistillConfig", "Distiller", "FeatureTerm", "LOGIT_METHODS", "FEATURE_TERMS", "ALONE_BASE",
-           "build_distiller", "method_names", "parse_method", "needs_teacher", "min_logit_ensemble"]
+           "build_distiller", "method_names", "parse_method", "needs_teacher", "min_logit_ensemble",
+           "STAGED_METHODS"]

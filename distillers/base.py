@@ -25,6 +25,7 @@ class DistillConfig:
     feat_weight: float | None = None   # beta of a feature term; None: the term's default
     init_epochs: int | None = None     # initialisation stage (fitnet/ab/ft/fsp); None: the method's default
     crd_negatives: str = "other_class"  # CRD's negatives: other_class (RepDistiller's default) | uniform
+    anchors_dir: str | None = None     # rco: the anchors/ folder of the teacher's ce run
     backend: str = "auto"       # kd_core backend
 
     def __post_init__(self) -> None:
@@ -70,6 +71,9 @@ class Distiller(nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor | None = None):
         raise NotImplementedError
+
+    def begin_epoch(self, epoch: int, epochs: int) -> None:
+        """Called before each training epoch (also the first one after a resume); RCO switches anchors here."""
 
     def extra_modules(self) -> dict[str, nn.Module]:
         """Trainable student-side modules besides the student (projection heads, embeddings)."""

@@ -917,7 +917,7 @@ def fit(cfg, dist_info: Dist, distiller, optimizer: torch.optim.Optimizer, train
         log.append_metrics(metrics)
         log.print(format_epoch(metrics))
         history["last_metrics"] = metrics
-        history["train_time_s"] = history.get("train_time_s", 0.0) + metrics["epoch_time_s"]
+        history["train_time_s"] = history.get("train_time_s", 0.0) + train_time   # training steps, not evaluation
         is_best = metrics.get("top1", -math.inf) > best
         best = max(best, metrics.get("top1", -math.inf))
         if dist_info.main:

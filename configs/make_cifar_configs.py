@@ -35,6 +35,14 @@ TABLE8_SKIP = {(("resnet56", "vgg8"), "fsp")}
 # Table 14 (vgg13 -> vgg8): adapter kinds; Figure 13: adapter bottleneck (paper pairs; the figure names none).
 ADAPTERS = ["houlsby", "lora", "parallel"]
 BOTTLENECKS = [16, 32, 64, 96]
+# Table 3's multi-stage baselines, on the resnet56 -> resnet20 pair (TAKD's assistant: resnet32; RCO's route:
+# the teacher's anchors after epochs 60, 120 and 180 of 240, then the converged teacher, 60 epochs each).
+STAGED_PAIR = ("resnet56", "resnet20")
+ANCHOR_EPOCHS = [60, 120, 180]
+STAGED = [("takd", {"assistant": "resnet32"}, "TAKD (Mirzadeh et al. 2020), assistant resnet32"),
+          ("rco", {"anchors_dir": "runs/cifar/teachers/resnet56_s0/anchors"},
+           "RCO (Jin et al. 2019), anchors after teacher epochs 60/120/180 and the converged teacher"),
+          ("sftn", {}, "SFTN (Park et al. 2021), teacher fine-tuned with student branches, then KD")]
 ROOT = Path(__file__).resolve().parent / "cifar"
 
 
@@ -53,8 +61,8 @@ def write(path: Path, comment: str, keys: dict) -> None:
 
 def main() -> None:
     for arch in sorted({t for t, _ in PAIRS}):
-        write(ROOT / "teachers" / f"{arch}.yaml", f"Teacher {arch}: trained from scratch with CE, seed 0",
-              {"method": "ce", "student": arch})
+        write(ROOT / "teachers" / f"{arch}.yaml", f"Teacher {arch}: trained from scratch with CE, seed 0 "
+              f"(keeps anchors for rco)", {"method": "ce", "student": arch, "anchor_epochs": ANCHOR_EPOCHS})
     for teacher, student in PAIRS:
         for stem, method, extra, row in ROWS:
             keys = {"method": method, "teacher": teacher, "student": student}
@@ -83,6 +91,11 @@ def main() -> None:
         write(ROOT / f"{teacher}_{student}" / f"pesf_{name}_noadj.yaml",
               f"Table 12, PESF-KD + {name} without label adjustment (dagger; pesf+{name}): {teacher} -> {student}",
               {"method": f"pesf+{name}", **pair, "label_adjust": False})
+    teacher, student = STAGED_PAIR
+    for method, extra, row in STAGED:
+        write(ROOT / f"{teacher}_{student}" / f"{method}.yaml", f"Table 3's {row}: {teacher} -> {student}",
+              {"method": method, "teacher": teacher, "student": student, "teacher_ckpt": teacher_ckpt(teacher),
+               **extra})
     for kind in ADAPTERS:
         write(ROOT / "vgg13_vgg8" / f"pesf_adapter_{kind}.yaml", f"Table 14, PESF-KD with a {kind} adapter: "
               f"vgg13 -> vgg8", {"method": "pesf", "teacher": "vgg13", "student": "vgg8",

@@ -151,6 +151,10 @@ class SFTNTeacherDistiller(Distiller):
 
     def __init__(self, student: nn.Module, teacher: nn.Module, cfg: DistillConfig) -> None:
         super().__init__(student, teacher, cfg)
+        if torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1:
+            # The branches run student blocks outside the student's DDP wrapper, whose gradients would not sync.
+            raise ValueError("sftn's teacher stage runs in one process; start it without torchrun")
         self.branches = graft_branches(student, teacher)
 
     def extra_modules(self) -> dict[str, nn.Module]:

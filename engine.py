@@ -976,8 +976,9 @@ def run_stages(cfg, stages: list[Stage], stage_config, run_one, resume: bool, lo
     """Run ``stages`` in order, ``run_one(stage_cfg, resume) -> summary`` for each.
 
     ``stage_config(cfg, stage, out, source)`` makes a stage's config, running into ``out``; ``source`` is
-    ``(run folder, Stage)`` of the stage named by ``teacher_from`` (None when there is none). ``<out>/stages.json`` records finished stages: with ``resume`` they are skipped and
-    the first unfinished one continues from its own ``last.pt`` (or starts, when it has none). Returns
+    ``(run folder, Stage)`` of the stage named by ``teacher_from`` (None when there is none).
+    ``<out>/stages.json`` records finished stages: with ``resume`` they are skipped and the first
+    unfinished one continues from its own ``last.pt`` (or starts, when it has none). Returns
     the last stage's summary with ``updated_params`` and ``train_time_s`` summed over the stages and
     ``stages`` (per stage: run folder, updated params, train time, top-1).
     """

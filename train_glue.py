@@ -5,6 +5,7 @@ a 6-layer student initialised from teacher layers {0, 2, 4, 6, 8, 10}, the same 
     python train_glue.py --config configs/glue/rte/pesf.yaml --seed 1    # a student
     python train_glue.py --task qqp --method pesf+pkd --teacher runs/glue/qqp/ce_bert-base-uncased_s0/student
     python train_glue.py --config configs/glue/rte/tinybert.yaml         # intermediate step, then prediction
+    python train_glue.py --config configs/glue/rte/takd.yaml             # both stages; --resume after a crash
     torchrun --nproc_per_node=2 train_glue.py --config configs/glue/sst2/kd.yaml
 
 Reads top to bottom: parse config -> read and tokenise the GLUE TSVs once -> build models -> build method

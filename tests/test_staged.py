@@ -163,7 +163,7 @@ def test_crash_in_the_second_stage_resumes_there(fake_cifar, teacher_ckpt, tmp_p
     capsys.readouterr()
     summary = train_cifar.run(CifarConfig(**keys, out=str(split)), resume=True)
     out = capsys.readouterr().out
-    assert fitted == [(str(split), True)]                      # stage 1 not run again
+    assert fitted == [(str(split), split / "last.pt")]         # stage 1 not run again; stage 2 from its checkpoint
     assert "stage 1/2 (assistant): finished earlier, skipped" in out and f"resumed from {split}/last.pt at epoch 1" in out
     assert (split / "assistant" / "last.pt").read_bytes() == assistant_ckpt
     a, b = (torch.load(p / "last.pt", weights_only=False)["model"] for p in (straight, split))

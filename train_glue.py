@@ -329,7 +329,9 @@ def resolve(cfg: GlueConfig, dist: engine.Dist) -> tuple[GlueConfig, torch.dtype
         raise engine.ConfigError(f"max_length must be between {specials} and {positions} (the models' "
                                  f"max_position_embeddings) for {task}, got {cfg.max_length}")
     if not cfg.student:
-        layers = used_student_layers(cfg.student_layers, models["teacher"].get("num_hidden_layers", 12))
+        source = model_folder_config(cfg.student_source, "student_source", tokenizer=False) \
+            if cfg.student_source else models["teacher"]
+        layers = used_student_layers(cfg.student_layers, source.get("num_hidden_layers", 12))
         cfg = dataclasses.replace(cfg, student_layers=layers)
     amp, amp_dtype = engine.resolve_amp(cfg.amp, dist.device)
     cfg = dataclasses.replace(cfg, task=task, amp=amp,

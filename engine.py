@@ -428,9 +428,13 @@ def lr_factor(epoch: float, epochs: int, schedule: str, milestones: list[int], d
     raise ConfigError(f"lr_schedule must be 'step', 'cosine' or 'linear', got {schedule!r}")
 
 
-def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
+def set_lr(optimizer: torch.optim.Optimizer, factor: float, overwrite: bool = False) -> None:
+    """Every group's base lr times ``factor``; with ``overwrite``, once the schedule has decayed (factor < 1),
+    every group gets the student's scheduled lr instead (the authors' ``adjust_learning_rate``, cv/helper/util.py)."""
+    student = next((g["base_lr"] for g in optimizer.param_groups if g.get("name") == "student"), None)
     for group in optimizer.param_groups:
-        group["lr"] = group["base_lr"] * factor
+        base = student if overwrite and factor < 1 and student is not None else group["base_lr"]
+        group["lr"] = base * factor
 
 
 # ----------------------------------------------------------------------------------------------
@@ -546,8 +550,11 @@ class TrainStep:
     """
 
     def __init__(self, loss_fn, optimizer: torch.optim.Optimizer, amp_dtype: torch.dtype | None,
-                 device: torch.device, cuda_graph: bool = False, warmup: int = 3) -> None:
+                 device: torch.device, cuda_graph: bool = False, warmup: int = 3, grad_accum: int = 1) -> None:
+        if grad_accum < 1 or (grad_accum > 1 and cuda_graph and device.type == "cuda"):
+            raise ConfigError(f"grad_accum must be >= 1 and needs cuda_graph off when > 1, got {grad_accum}")
         self.loss_fn = loss_fn
+        self.grad_accum = grad_accum
         self.optimizer = optimizer
         self.amp_dtype = amp_dtype
         self.device = device
@@ -558,7 +565,7 @@ class TrainStep:
         self.graph = None
         self.static: tuple | None = None
 
-    def _step(self, x, y, index) -> torch.Tensor:
+    def _step(self, x, y, index, update: bool = True) -> torch.Tensor:
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                             enabled=self.amp_dtype is not None, cache_enabled=not self.cuda_graph):
             _, losses = self.loss_fn(x, y, index)
@@ -566,7 +573,8 @@ class TrainStep:
             self.names = ["loss", *losses]
         total = sum(losses.values())
         total.backward()
-        self.optimizer.step()
+        if update:
+            self.optimizer.step()
         return torch.stack([total.detach(), *(v.detach().float() for v in losses.values())])
 
     def invalidate(self) -> None:
@@ -575,8 +583,11 @@ class TrainStep:
     def __call__(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         self.calls += 1
         if not self.cuda_graph:
-            self.optimizer.zero_grad(set_to_none=True)
-            return self._step(x, y, index)
+            # grad_accum: gradients of that many calls are summed (the authors' ``(idx + 1) % 4``), counted
+            # across epochs, so a remainder at the end of an epoch carries into the next one as there.
+            if (self.calls - 1) % self.grad_accum == 0:
+                self.optimizer.zero_grad(set_to_none=True)
+            return self._step(x, y, index, update=self.calls % self.grad_accum == 0)
         if self.calls <= self.warmup:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
@@ -832,7 +843,8 @@ def fit(cfg, dist_info: Dist, distiller, optimizer: torch.optim.Optimizer, train
     updated_params = distiller.updated_params()
     if dist_info.world > 1:
         wrap_ddp(distiller, dist_info)
-    step = TrainStep(distiller, optimizer, amp_dtype, device, cuda_graph=cfg.cuda_graph)
+    step = TrainStep(distiller, optimizer, amp_dtype, device, cuda_graph=cfg.cuda_graph,
+                     grad_accum=getattr(cfg, "grad_accum", 1))
     save_every = getattr(cfg, "save_every", 0)
 
     start_epoch, start_step, saved_sums, best, history = 0, 0, None, -math.inf, {}
@@ -881,7 +893,7 @@ def fit(cfg, dist_info: Dist, distiller, optimizer: torch.optim.Optimizer, train
             factor = lr_factor(at, cfg.epochs, cfg.lr_schedule, cfg.lr_milestones, cfg.lr_decay, cfg.warmup_epochs,
                                size)
             if factor != lr_now:
-                set_lr(optimizer, factor)
+                set_lr(optimizer, factor, overwrite=getattr(cfg, "lr_overwrite", False))
                 step.invalidate()
                 lr_now = factor
             losses = step(x, y, index)
@@ -1025,7 +1037,8 @@ def benchmark(cfg, dist_info: Dist, distiller, optimizer: torch.optim.Optimizer,
     updated_params = distiller.updated_params()
     if dist_info.world > 1:
         wrap_ddp(distiller, dist_info)
-    step = TrainStep(distiller, optimizer, amp_dtype, device, cuda_graph=cfg.cuda_graph)
+    step = TrainStep(distiller, optimizer, amp_dtype, device, cuda_graph=cfg.cuda_graph,
+                     grad_accum=getattr(cfg, "grad_accum", 1))
     distiller.train()
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     prepared = []

@@ -69,6 +69,13 @@ class CifarConfig:
     crd_negatives: str = "other_class"      # other_class (RepDistiller's default) | uniform
     anchor_epochs: list[int] = field(default_factory=list)   # keep the model after these epochs (rco's anchors)
     anchors_dir: str | None = None          # rco: the teacher run's anchors/ folder
+    # The authors' code as switches, the paper's text by default (README "Fidelity switches").
+    teacher_bn: str = "eval"                # eval | train (frozen teacher on batch statistics)
+    student_target: str = "adapted"         # adapted | unadapted (pesf: teacher before its head adapter)
+    adapter_form: str = "paper"             # paper (adapter/bottleneck) | official (the authors' logit adapter)
+    teacher_kl: str = "paper"               # paper | official (pesf: KL_tau(t || adj(s).detach()))
+    grad_accum: int = 1                     # batches whose gradients are summed per optimiser step
+    lr_overwrite: bool = False              # true: after a decay every group runs at the student's lr
     train_subset: int = 0                   # use only the first N training images (0: all)
     seed: int = 0
     device: str = "auto"
@@ -191,8 +198,8 @@ def build_models(cfg: CifarConfig, log: engine.RunLog) -> tuple[nn.Module, nn.Mo
     if not needs_teacher(cfg.method):
         return student, None
     if cfg.method.split("+")[0] == "pesf":
-        teacher = models.build_model(cfg.teacher, NUM_CLASSES, adapter=cfg.adapter, slot=cfg.adapter_slot,
-                                     bottleneck=cfg.bottleneck)
+        teacher = models.build_model(cfg.teacher, NUM_CLASSES, adapter=ADAPTER_FORMS[cfg.adapter_form](cfg),
+                                     slot=cfg.adapter_slot, bottleneck=cfg.bottleneck)
     else:
         teacher = models.build_model(cfg.teacher, NUM_CLASSES)
     if cfg.teacher_ckpt:
@@ -203,6 +210,10 @@ def build_models(cfg: CifarConfig, log: engine.RunLog) -> tuple[nn.Module, nn.Mo
         raise engine.ConfigError(f"method {cfg.method!r} needs a trained teacher: pass --teacher-ckpt "
                                  f"(train one with --method ce --student {cfg.teacher})")
     return student, teacher
+
+
+# adapter_form -> the model's adapter kind: the paper's configurable adapter, or the authors' logit adapter.
+ADAPTER_FORMS = {"paper": lambda cfg: cfg.adapter, "official": lambda cfg: "official"}
 
 
 def sgd(params, lr: float, cfg: CifarConfig) -> torch.optim.SGD:
@@ -217,11 +228,15 @@ def resolve(cfg: CifarConfig, dist: engine.Dist) -> tuple[CifarConfig, torch.dty
     amp, amp_dtype = engine.resolve_amp(cfg.amp, dist.device)
     if cfg.cuda_graph and (not cuda or dist.world > 1):
         raise engine.ConfigError("cuda_graph needs one process on a CUDA device (DDP's all-reduce is not captured)")
+    if cfg.adapter_form not in ADAPTER_FORMS:
+        raise engine.ConfigError(f"adapter_form must be {' or '.join(ADAPTER_FORMS)}, got {cfg.adapter_form!r}")
+    if cfg.grad_accum < 1 or (cfg.grad_accum > 1 and cfg.cuda_graph):
+        raise engine.ConfigError(f"grad_accum must be >= 1, and 1 with cuda_graph: true; got {cfg.grad_accum}")
     out = run_folder(cfg)
     cfg = dataclasses.replace(
         cfg, amp=amp, out=out,
         channels_last=cuda if cfg.channels_last is None else cfg.channels_last,
-        cuda_graph=(cuda and dist.world == 1) if cfg.cuda_graph is None else cfg.cuda_graph)
+        cuda_graph=(cuda and dist.world == 1 and cfg.grad_accum == 1) if cfg.cuda_graph is None else cfg.cuda_graph)
     return cfg, amp_dtype
 
 

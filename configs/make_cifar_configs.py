@@ -19,7 +19,21 @@ ROWS = [("kd", "kd", {}, "Vanilla KD"), ("dml", "dml", {}, "DML"), ("kdcl", "kdc
         ("ftkd", "ftkd", {}, "FT-KD"), ("pesf", "pesf", {}, "PESF-KD"),
         ("pesf_noadj", "pesf", {"label_adjust": False}, "PESF-KD without label adjustment (dagger rows)"),
         ("ce", "ce", {}, "student trained from scratch (baseline)"),
-        ("pkt", "kd+pkt", {}, "PKT"), ("crd", "kd+crd", {}, "CRD"), ("rkd", "kd+rkd", {}, "RKD")]
+        ("pkt", "kd+pkt", {}, "PKT"), ("crd", "kd+crd", {}, "CRD"), ("rkd", "kd+rkd", {}, "RKD"),
+        ("kd_adj", "kd", {"label_adjust": True}, "Vanilla KD on the label-adjusted target (the missing control)")]
+# What the authors' code (github 1170300319/PESF-KD, cv/) does for each method, as switches (README
+# "Fidelity switches"): the teacher in train mode, the label-adjusted target for every method, 4 batches'
+# gradients summed per step, every group at the student's lr after a decay; PESF-KD's student target is
+# the teacher before its adapter, which is the authors' logit adapter with its own KL; FT-KD's teacher lr 1e-4.
+OFFICIAL = {"label_adjust": True, "teacher_bn": "train", "grad_accum": 4, "lr_overwrite": True}
+OFFICIAL_ROWS = [
+    ("kd_official", "kd", OFFICIAL, "Vanilla KD as the authors' code runs it"),
+    ("pesf_official", "pesf", {**OFFICIAL, "student_target": "unadapted", "adapter_form": "official",
+                               "teacher_kl": "official", "w_tce": 1.0}, "PESF-KD as the authors' code runs it"),
+    ("ftkd_official", "ftkd", {**OFFICIAL, "teacher_lr": 1e-4}, "FT-KD as the authors' code runs it")]
+# configs/cifar/short/: the same teachers and Table 1 / 7 rows with the 240-epoch schedule compressed 4x
+# (decays at 150/180/210 -> 37/45/52); the students distil from the short protocol's own teachers.
+SHORT = {"epochs": 60, "lr_milestones": [37, 45, 52]}
 PAPER_PAIRS = PAIRS[:4]
 # Tables 4 and 12 (resnet56 -> resnet20): PESF-KD under the feature methods, with and without label
 # adjustment (the dagger column); their "standard" column is the Table 1 rows kd, pkt, crd, rkd (kd+NAME).
@@ -46,9 +60,9 @@ STAGED = [("takd", {"assistant": "resnet32"}, "TAKD (Mirzadeh et al. 2020), assi
 ROOT = Path(__file__).resolve().parent / "cifar"
 
 
-def teacher_ckpt(arch: str) -> str:
+def teacher_ckpt(arch: str, protocol: str = "") -> str:
     # The last epoch, not the best: choosing a teacher by test accuracy would tune on the test set.
-    return f"runs/cifar/teachers/{arch}_s0/last.pt"
+    return f"runs/cifar/{protocol}teachers/{arch}_s0/last.pt"
 
 
 def write(path: Path, comment: str, keys: dict) -> None:
@@ -59,19 +73,27 @@ def write(path: Path, comment: str, keys: dict) -> None:
     path.write_text(f"# {comment}\n{body}")
 
 
-def main() -> None:
+def write_table1(root: Path, protocol: str = "", schedule: dict | None = None, note: str = "") -> None:
+    """Teachers and every Table 1 / 7 row (the official presets included) under ``root``."""
     for arch in sorted({t for t, _ in PAIRS}):
-        write(ROOT / "teachers" / f"{arch}.yaml", f"Teacher {arch}: trained from scratch with CE, seed 0 "
-              f"(keeps anchors for rco)", {"method": "ce", "student": arch, "anchor_epochs": ANCHOR_EPOCHS})
+        anchors = {} if schedule else {"anchor_epochs": ANCHOR_EPOCHS}   # rco's anchors: the full protocol only
+        write(root / "teachers" / f"{arch}.yaml", f"Teacher {arch}: trained from scratch with CE, seed 0"
+              f"{' (keeps anchors for rco)' if anchors else ''}{note}",
+              {"method": "ce", "student": arch, **anchors, **(schedule or {})})
     for teacher, student in PAIRS:
-        for stem, method, extra, row in ROWS:
+        for stem, method, extra, row in ROWS + OFFICIAL_ROWS:
             keys = {"method": method, "teacher": teacher, "student": student}
             if method != "ce":
-                keys["teacher_ckpt"] = teacher_ckpt(teacher)
-            keys.update(extra)
+                keys["teacher_ckpt"] = teacher_ckpt(teacher, protocol)
+            keys.update({**extra, **(schedule or {})})
             name = method.partition("+")[2]
             title = TABLE1_FEATURE.format(row=row, name=name) if name else f"Tables 1 and 7, {row}"
-            write(ROOT / f"{teacher}_{student}" / f"{stem}.yaml", f"{title}: {teacher} -> {student}", keys)
+            write(root / f"{teacher}_{student}" / f"{stem}.yaml", f"{title}: {teacher} -> {student}{note}", keys)
+
+
+def main() -> None:
+    write_table1(ROOT)
+    write_table1(ROOT / "short", "short/", SHORT, " (short protocol: 60 epochs)")
     for teacher, student in PAPER_PAIRS:
         folder, pair = ROOT / f"{teacher}_{student}", {"teacher": teacher, "student": student,
                                                        "teacher_ckpt": teacher_ckpt(teacher)}

@@ -27,10 +27,18 @@ class DistillConfig:
     crd_negatives: str = "other_class"  # CRD's negatives: other_class (RepDistiller's default) | uniform
     anchors_dir: str | None = None     # rco: the anchors/ folder of the teacher's ce run
     backend: str = "auto"       # kd_core backend
+    # The authors' code as switches (defaults: the paper's text; README "Fidelity switches").
+    teacher_bn: str = "eval"          # train: a frozen teacher's BatchNorm uses and updates batch statistics
+    student_target: str = "adapted"   # unadapted: the student's KL target is the teacher before its head adapter
+    teacher_kl: str = "paper"         # official: KL_tau(adapted t || adj(s).detach()), gradients through t
 
     def __post_init__(self) -> None:
         if self.crd_negatives not in CRD_NEGATIVES:
             raise ValueError(f"crd_negatives must be one of {', '.join(CRD_NEGATIVES)}, got {self.crd_negatives!r}")
+        for name, valid in (("teacher_bn", ("eval", "train")), ("student_target", ("adapted", "unadapted")),
+                            ("teacher_kl", ("paper", "official"))):
+            if getattr(self, name) not in valid:
+                raise ValueError(f"{name} must be {' or '.join(valid)}, got {getattr(self, name)!r}")
 
     @classmethod
     def from_run_config(cls, cfg) -> "DistillConfig":
@@ -61,12 +69,12 @@ class Distiller(nn.Module):
             if self.teacher_mode == "frozen":
                 self.teacher.requires_grad_(False)
             elif self.teacher_mode == "adapters":
-                self.teacher.freeze_backbone()
+                self.teacher.freeze_backbone(batch_stats=cfg.teacher_bn == "train")
 
     def train(self, mode: bool = True) -> "Distiller":
         super().train(mode)
         if self.teacher is not None and self.teacher_mode == "frozen":
-            self.teacher.eval()
+            self.teacher.train(mode and self.cfg.teacher_bn == "train")
         return self
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor | None = None):

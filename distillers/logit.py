@@ -57,15 +57,13 @@ class _WithFeatureTerm(Distiller):
         term = term.module if isinstance(term, nn.parallel.DistributedDataParallel) else term
         return term if term is not None and term.main_stage else None
 
-    def _students_and_teachers(self, x, teacher_grad: bool):
-        """Both forwards; features only when a feature term needs them."""
+    def _students_and_teachers(self, x, teacher_grad: bool, teacher_features: bool = False):
+        """Both forwards; features when a feature term needs them (the teacher's also on request)."""
         want = self._term() is not None
         with torch.set_grad_enabled(teacher_grad and torch.is_grad_enabled()):
-            t_out = self.teacher(x, features=want) if want else self.teacher(x)
-        s_out = self.student(x, features=want) if want else self.student(x)
-        if want:
-            return s_out[0], t_out[0], s_out[1], t_out[1]
-        return s_out, t_out, None, None
+            t_out = self.teacher(x, features=True) if want or teacher_features else (self.teacher(x), None)
+        s_out = self.student(x, features=True) if want else (self.student(x), None)
+        return s_out[0], t_out[0], s_out[1], t_out[1]
 
     def _add_feature_term(self, losses: dict, s_feats, t_feats, y, index) -> None:
         term = self._term()
@@ -131,18 +129,33 @@ class PESFDistiller(_WithFeatureTerm):
 
     ``L_s = alpha * KL_tau(adj(t).detach() || s) + (1 - alpha) * CE(s, y)``,
     ``L_t = w_tkl * KL_tau(adj(s).detach() || t) + w_tce * CE(t, y)`` (``w_tkl`` defaults to alpha);
-    only the adapters are updated.
+    only the adapters are updated. The authors' code (cv/helper/loops.py) differs in two switches:
+    ``student_target=unadapted`` puts the teacher's logits before its head adapter in the student's KL;
+    ``teacher_kl=official`` uses ``KL_tau(t || adj(s).detach())`` (the adapted teacher is the target).
     """
 
     teacher_mode = "adapters"
 
+    def __init__(self, student, teacher, cfg: DistillConfig, feature_term: FeatureTerm | None = None) -> None:
+        super().__init__(student, teacher, cfg, feature_term)
+        if cfg.student_target == "unadapted" and getattr(teacher, "adapters", None) is not None:
+            raise ValueError("student_target=unadapted needs the head adapter slot (adapter_slot: head)")
+
     def forward(self, x, y, index=None):
-        s, t, s_feats, t_feats = self._students_and_teachers(x, teacher_grad=True)
-        terms = kd_core.distill_terms(s, t, y, self.cfg.tau, adjust=self.use_label_adjust(True),
+        unadapted = self.cfg.student_target == "unadapted"
+        s, t, s_feats, t_feats = self._students_and_teachers(x, teacher_grad=True, teacher_features=unadapted)
+        adjust, tau = self.use_label_adjust(True), self.cfg.tau
+        terms = kd_core.distill_terms(s, t_feats["logits_unadapted"] if unadapted else t, y, tau, adjust=adjust,
                                       detach_targets=True, backend=self.cfg.backend)
+        teacher_terms = kd_core.distill_terms(s, t, y, tau, adjust=adjust, detach_targets=True,
+                                              backend=self.cfg.backend) if unadapted else terms
+        if self.cfg.teacher_kl == "official":
+            teacher_kl = kd_core.kl_div(t, (kd_core.label_adjust(s, y) if adjust else s).detach(), tau)
+        else:
+            teacher_kl = teacher_terms.kl_st
         w_tkl = self.cfg.alpha if self.cfg.w_tkl is None else self.cfg.w_tkl
         losses = {"kl": self.cfg.alpha * terms.kl_ts, "ce": (1 - self.cfg.alpha) * terms.ce_s,
-                  "teacher_kl": w_tkl * terms.kl_st, "teacher_ce": self.cfg.w_tce * terms.ce_t}
+                  "teacher_kl": w_tkl * teacher_kl, "teacher_ce": self.cfg.w_tce * teacher_terms.ce_t}
         self._add_feature_term(losses, s_feats, t_feats, y, index)
         return s, losses
 

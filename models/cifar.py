@@ -50,11 +50,14 @@ class CifarNet(Adaptable):
 
     def forward(self, x: torch.Tensor, features: bool = False):
         stages, preact, last = self._stages(x)
-        pooled = torch.flatten(F.adaptive_avg_pool2d(last, 1), 1)
-        pooled, logits = self._head(pooled, self.classifier_layer)
+        raw = torch.flatten(F.adaptive_avg_pool2d(last, 1), 1)
+        pooled, logits = self._head(raw, self.classifier_layer)
         if not features:
             return logits
-        return logits, {"pooled": pooled, "stages": stages, "preact_stages": preact}
+        feats = {"pooled": pooled, "stages": stages, "preact_stages": preact}
+        if self.adapters is None:   # the logits before the head adapter (stage adapters have no such view)
+            feats["logits_unadapted"] = logits if self.adapter is None else self.classifier_layer(raw)
+        return logits, feats
 
 
 class BasicBlock(nn.Module):

@@ -10,7 +10,7 @@ from torch import nn
 
 from kd_core import Adapter, LoRALinear, ParallelAdapter
 
-ADAPTER_KINDS = ("houlsby", "lora", "parallel")
+ADAPTER_KINDS = ("houlsby", "lora", "parallel", "official")
 ADAPTER_PREFIXES = ("adapter.", "adapters.")
 
 
@@ -28,6 +28,8 @@ def check_adapter(adapter: str | None, slot: str, slots: Iterable[str], family: 
     if adapter == "lora" and slot == "stages":
         raise ValueError("adapter 'lora' needs a linear layer; the CNN 'stages' slot has only convolutions "
                          "(use 'houlsby' or 'parallel', or slot='head')")
+    if adapter == "official" and slot != "head":
+        raise ValueError("adapter 'official' offsets the logits; it has only slot='head'")
 
 
 def _borrow(wrapper: nn.Module, attr: str, module: nn.Module) -> nn.Module:
@@ -56,6 +58,22 @@ def make_adapter(kind: str, dim: int, bottleneck: int = 32, *, conv: bool = Fals
     raise ValueError(f"unknown adapter {kind!r}; valid: {', '.join(ADAPTER_KINDS)}")
 
 
+class OfficialLogitAdapter(nn.Module):
+    """The PESF-KD authors' adapter (github 1170300319/PESF-KD, cv/models/adapter.py): a logit offset
+    ``d(h) = W3 relu(W2 W1 h)`` (``W1``: dim -> classes, ``W2``: classes -> bottleneck, ``W3``: bottleneck
+    -> classes), PyTorch's default random init; the head returns ``fc(h) - d(h)`` in training and
+    ``fc(h) + d(h)`` in evaluation, as that code does."""
+
+    def __init__(self, dim: int, num_classes: int, bottleneck: int = 32) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim, num_classes), nn.Linear(num_classes, bottleneck), nn.ReLU(),
+                                 nn.Linear(bottleneck, num_classes))
+
+    def offset(self, logits: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        delta = self.net(pooled)
+        return logits - delta if self.training else logits + delta
+
+
 def project(linear: nn.Linear, adapter: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
     """Output of ``linear`` at an adapter site: a Houlsby adapter follows it, parallel/LoRA ones wrap it."""
     if adapter is None:
@@ -72,6 +90,9 @@ class Adaptable(nn.Module):
 
     def _make_head_adapter(self, kind: str | None, dim: int, classifier: nn.Linear, bottleneck: int,
                            scale: float, alpha: float | None) -> None:
+        if kind == "official":
+            self.adapter = OfficialLogitAdapter(dim, classifier.out_features, bottleneck)
+            return
         self.adapter = None if kind is None else make_adapter(
             kind, dim, bottleneck, linear=classifier if kind == "lora" else None, scale=scale, alpha=alpha)
 
@@ -88,6 +109,9 @@ class Adaptable(nn.Module):
 
     def _adapted_head(self, pooled: torch.Tensor, classifier: nn.Linear,
                       dropout: nn.Module | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(self.adapter, OfficialLogitAdapter):
+            x = pooled if dropout is None else dropout(pooled)
+            return pooled, self.adapter.offset(classifier(x), pooled)
         lora = isinstance(self.adapter, LoRALinear)
         if self.adapter is not None and not lora:
             pooled = self.adapter(pooled)
@@ -97,11 +121,12 @@ class Adaptable(nn.Module):
     def adapter_parameters(self) -> list[nn.Parameter]:
         return [p for n, p in self.named_parameters() if is_adapter_key(n)]
 
-    def freeze_backbone(self) -> "Adaptable":
-        """Train only the adapters; the backbone (BatchNorm statistics, dropout) stays in eval mode."""
+    def freeze_backbone(self, batch_stats: bool = False) -> "Adaptable":
+        """Train only the adapters; the backbone (BatchNorm statistics, dropout) stays in eval mode, or with
+        ``batch_stats`` follows train/eval like the adapters (the authors' code: BatchNorm on batch statistics)."""
         for name, p in self.named_parameters():
             p.requires_grad_(is_adapter_key(name))
-        self._frozen = True
+        self._frozen = not batch_stats
         return self.train(self.training)
 
     def train(self, mode: bool = True) -> "Adaptable":

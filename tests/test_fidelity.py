@@ -1,0 +1,187 @@
+"""The authors'-code switches (README "Fidelity switches"): each against an independent float64 reference,
+the presets, and what the official semantics imply (pesf_official's student is kd_official's)."""
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import engine
+import models
+import train_cifar
+from distillers import DistillConfig, build_distiller
+from train_cifar import CifarConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(teacher="resnet8", student="resnet8", epochs=1, batch_size=16, limit_batches=8, eval_batch_size=50,
+            log_every=1)
+
+
+def kl64(target: torch.Tensor, learner: torch.Tensor, tau: float) -> torch.Tensor:
+    p = F.softmax(target.double() / tau, 1)
+    return (p * (p.log() - F.log_softmax(learner.double() / tau, 1))).sum(1).mean() * tau * tau
+
+
+def adj64(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    z = z.double().clone()
+    for i, (row, label) in enumerate(zip(z, y)):
+        top = int(row.argmax())
+        row[top], row[label] = row[label].item(), row[top].item()
+    return z
+
+
+def official_head64(net: torch.nn.Module, h: torch.Tensor, sign: float) -> torch.Tensor:
+    fc = net.fc
+    w1, w2, w3 = (net.adapter.net[i] for i in (0, 1, 3))
+    h = h.double()
+    delta = F.linear(F.relu(F.linear(F.linear(h, w1.weight.double(), w1.bias.double()), w2.weight.double(),
+                                     w2.bias.double())), w3.weight.double(), w3.bias.double())
+    return F.linear(h, fc.weight.double(), fc.bias.double()) + sign * delta
+
+
+def pooled64(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    _, _, last = net._stages(x)
+    return F.adaptive_avg_pool2d(last, 1).flatten(1)
+
+
+def test_official_adapter_subtracts_in_training_and_adds_in_evaluation():
+    torch.manual_seed(0)
+    net = models.build_model("resnet8", 100, adapter="official")
+    assert models.count_trainable(net.adapter) == 64 * 100 + 100 + 100 * 32 + 32 + 32 * 100 + 100
+    assert net.adapter.net[-1].weight.abs().sum() > 0          # random init: the offset starts non-zero
+    x = torch.randn(4, 3, 32, 32)
+    net.train()
+    with torch.no_grad():
+        logits, feats = net(x, features=True)
+        h = pooled64(net, x)     # BatchNorm in train mode sees the same batch: same statistics
+    torch.testing.assert_close(logits.double(), official_head64(net, h, -1.0), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(feats["logits_unadapted"].double(),
+                               F.linear(h.double(), net.fc.weight.double(), net.fc.bias.double()), rtol=1e-5, atol=1e-5)
+    net.eval()
+    with torch.no_grad():
+        h = pooled64(net, x)
+        torch.testing.assert_close(net(x).double(), official_head64(net, h, 1.0), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="only slot='head'"):
+        models.build_model("resnet8", 100, adapter="official", slot="stages")
+
+
+@pytest.mark.parametrize("method", ["kd", "pesf"])
+def test_teacher_bn_train_uses_and_updates_batch_statistics(method):
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 100, (8,))
+    for mode in ("eval", "train"):
+        teacher = models.build_model("resnet8", 100, adapter="houlsby" if method == "pesf" else None)
+        reference = copy.deepcopy(teacher).train(mode == "train")    # the teacher the KL should see
+        with torch.no_grad():
+            t_ref = reference(x)
+        d = build_distiller(method, models.build_model("resnet8", 100), teacher,
+                            DistillConfig(teacher_bn=mode, label_adjust=False)).train()
+        before = teacher.bn1.running_mean.clone()
+        s, losses = d(x, y)
+        assert torch.equal(teacher.bn1.running_mean, before) == (mode == "eval"), mode
+        torch.testing.assert_close(losses["kl"].double(), 0.9 * kl64(t_ref, s.detach(), 4.0), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="teacher_bn must be eval or train"):
+        DistillConfig(teacher_bn="batch")
+
+
+def test_pesf_official_switches_match_their_equations():
+    """student_target=unadapted: KL_tau(adj(fc(h)) || s); teacher_kl=official: KL_tau(t || adj(s).detach())
+    with t = fc(h) - d(h), gradients reaching the adapter only."""
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 100, (8,))
+    teacher = models.build_model("resnet8", 100, adapter="official")
+    cfg = DistillConfig(student_target="unadapted", teacher_kl="official", w_tce=1.0, w_tkl=0.7)
+    d = build_distiller("pesf", models.build_model("resnet8", 100), teacher, cfg).train()
+    s, losses = d(x, y)
+    with torch.no_grad():
+        h = pooled64(teacher.eval(), x)   # teacher_bn=eval: running statistics, as in the step above
+        teacher.train()
+        t_raw = F.linear(h.double(), teacher.fc.weight.double(), teacher.fc.bias.double())
+        t = official_head64(teacher, h, -1.0)
+    s64 = s.detach().double()
+    torch.testing.assert_close(losses["kl"].double(), 0.9 * kl64(adj64(t_raw, y), s64, 4.0), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(losses["teacher_kl"].double(), 0.7 * kl64(t, adj64(s64, y), 4.0), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(losses["teacher_ce"].double(), F.cross_entropy(t, y), rtol=1e-5, atol=1e-6)
+    losses["teacher_kl"].backward()
+    assert all(p.grad is None for p in d.student.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in teacher.adapter.parameters())
+
+
+def test_grad_accum_sums_gradients_of_n_batches_per_step():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(5, 3, bias=False)
+    w = model.weight.detach().double().clone()
+    batches = [(torch.randn(4, 5), torch.randint(0, 3, (4,))) for _ in range(4)]
+
+    def loss_fn(x, y, index):
+        out = model(x)
+        return out, {"ce": F.cross_entropy(out, y)}
+
+    step = engine.TrainStep(loss_fn, torch.optim.SGD(model.parameters(), lr=0.5), None, torch.device("cpu"),
+                            grad_accum=2)
+    for i, (x, y) in enumerate(batches):
+        step(x, y, None)
+        if i % 2 == 1:   # reference: one SGD step on the sum (not the mean) of two batches' gradients
+            w_ = w.clone().requires_grad_(True)
+            sum(F.cross_entropy(F.linear(xb.double(), w_), yb) for xb, yb in batches[i - 1:i + 1]).backward()
+            w = w - 0.5 * w_.grad
+        torch.testing.assert_close(model.weight.detach().double(), w, rtol=1e-5, atol=1e-6)
+
+
+def test_lr_overwrite_sets_every_group_to_the_students_lr_after_a_decay():
+    params = [torch.nn.Parameter(torch.zeros(1)) for _ in range(2)]
+    opt = torch.optim.SGD([{"params": [params[0]], "lr": 0.05, "name": "student"},
+                           {"params": [params[1]], "lr": 1e-4, "name": "adapters"}])
+    for g in opt.param_groups:
+        g["base_lr"] = g["lr"]
+    for overwrite, factor, expected in ((True, 1.0, [0.05, 1e-4]), (True, 0.1, [0.005, 0.005]),
+                                        (False, 0.1, [0.005, 1e-5])):
+        engine.set_lr(opt, factor, overwrite=overwrite)
+        assert [g["lr"] for g in opt.param_groups] == pytest.approx(expected)
+    assert engine.lr_factor(150, 240, "step", [150, 180, 210], 0.1) == pytest.approx(0.1)
+
+
+PAIRS = ["resnet56_resnet20", "resnet110_resnet32", "vgg13_vgg8", "resnet56_vgg8"]
+
+
+@pytest.mark.parametrize("protocol", ["", "short/"])
+def test_presets_switch_on_what_the_authors_code_does(protocol):
+    for pair in PAIRS:
+        folder = ROOT / "configs" / "cifar" / f"{protocol}{pair}"
+        load = lambda stem: engine.build_config(CifarConfig, str(folder / f"{stem}.yaml"))  # noqa: E731
+        kd, kd_adj, kd_off, pesf_off, ftkd_off = map(load, ("kd", "kd_adj", "kd_official", "pesf_official",
+                                                             "ftkd_official"))
+        assert kd.label_adjust is None and kd_adj.label_adjust is True and kd_adj.teacher_bn == "eval"
+        for cfg in (kd_off, pesf_off, ftkd_off):
+            assert (cfg.label_adjust, cfg.teacher_bn, cfg.grad_accum, cfg.lr_overwrite) == (True, "train", 4, True)
+        assert (pesf_off.student_target, pesf_off.adapter_form, pesf_off.teacher_kl, pesf_off.w_tce) == \
+            ("unadapted", "official", "official", 1.0)
+        assert ftkd_off.teacher_lr == 1e-4 and kd_off.method == "kd" and ftkd_off.method == "ftkd"
+        if protocol:
+            assert (kd.epochs, kd.lr_milestones) == (60, [37, 45, 52])
+            assert kd.teacher_ckpt == f"runs/cifar/short/teachers/{kd.teacher}_s0/last.pt"
+            assert (ROOT / "configs" / "cifar" / "short" / "teachers" / f"{kd.teacher}.yaml").is_file()
+
+
+def student_after(tmp_path, data, ckpt, preset: str, **keys) -> dict:
+    cfg = engine.build_config(CifarConfig, str(ROOT / "configs/cifar/resnet56_resnet20" / f"{preset}.yaml"),
+                              overrides={**TINY, "teacher_ckpt": str(ckpt), "data_dir": str(data),
+                                         "out": str(tmp_path / preset), **keys})
+    train_cifar.run(cfg)
+    return torch.load(tmp_path / preset / "last.pt", weights_only=False)["distiller"]["student"]
+
+
+def test_pesf_official_student_is_the_kd_official_student(fake_cifar, teacher_ckpt, tmp_path):
+    """The authors' PESF-KD student learns from the unadapted, label-adjusted teacher, exactly like their KD
+    student: same seed, same weights after every step (here: two accumulated steps of 4 batches)."""
+    kd_official = student_after(tmp_path, fake_cifar, teacher_ckpt, "kd_official")
+    pesf_official = student_after(tmp_path, fake_cifar, teacher_ckpt, "pesf_official")
+    pesf = student_after(tmp_path, fake_cifar, teacher_ckpt, "pesf", grad_accum=4, teacher_bn="train")
+    before = models.build_model("resnet8", 100).state_dict()
+    for k, v in kd_official.items():
+        assert torch.equal(v, pesf_official[k]), k
+    moved = [k for k, v in kd_official.items() if v.is_floating_point() and not torch.equal(v, before[k])]
+    assert moved
+    # the paper's PESF-KD student (adapted teacher as target) is a different student
+    assert any(not torch.equal(v, pesf[k]) for k, v in kd_official.items())

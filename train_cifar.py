@@ -389,7 +389,54 @@ def parse_args(argv=None) -> tuple[CifarConfig, argparse.Namespace]:
     p.add_argument("--quickstart", action="store_true", help="teacher, then ce/kd/pesf students, and a table")
     p.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2,...",
                    help="run every combination of these values (repeatable) and print a table")
-    return engine.parse_config(CifarConfig, p, argv, actions=("quickstart", "sweep"))
+    p.add_argument("--seeds", metavar="S1,S2,...", help="one run per seed, one after another, each in its own "
+                   "folder (<out>_s<seed> unless out names {seed}), then a mean +- std table")
+    return engine.parse_config(CifarConfig, p, argv, actions=("quickstart", "sweep", "seeds"))
+
+
+def parse_seeds(text: str | None) -> list[int | None]:
+    """``"0,1,2"`` -> ``[0, 1, 2]``; no --seeds -> ``[None]`` (the config's own seed)."""
+    if text is None:
+        return [None]
+    try:
+        seeds = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise engine.ConfigError(f"--seeds expects integers like 0,1,2, got {text!r}") from None
+    if len(set(seeds)) != len(seeds):
+        raise engine.ConfigError(f"--seeds repeats a seed: {text!r}")
+    return seeds
+
+
+def seed_folder(out: str, seed: int | None) -> str:
+    return out if seed is None or "{seed}" in out else f"{out}_s{seed}"
+
+
+def print_seed_table(rows: list[tuple[str, dict]]) -> None:
+    """Mean +- sample standard deviation over the seeds of each row name."""
+    import statistics
+    by_name: dict[str, list[dict]] = {}
+    for name, summary in rows:
+        by_name.setdefault(name, []).append(summary)
+    print("\n| run | seeds | top-1 mean +- std | best top-1 mean +- std |\n|---|---|---|---|")
+    for name, runs in by_name.items():
+        cells = []
+        for key in ("top1", "best_top1"):
+            values = [r[key] for r in runs]
+            std = statistics.stdev(values) if len(values) > 1 else 0.0
+            cells.append(f"{statistics.fmean(values):.2f} +- {std:.2f}")
+        print(f"| {name} | {len(runs)} | " + " | ".join(cells) + " |")
+
+
+def seeds(args: argparse.Namespace, base: CifarConfig) -> None:
+    """--seeds without --sweep: the same config once per seed, each run exactly as if started alone."""
+    if isinstance(args.resume, str):
+        raise engine.ConfigError("--resume PATH continues one run; --seeds continues with --resume alone")
+    rows = []
+    for seed in parse_seeds(args.seeds):
+        cfg = engine.build_config(CifarConfig, args.config, args.set, {**args.overrides, "seed": seed,
+                                                                      "out": seed_folder(run_folder(base), seed)})
+        rows.append((base.method, run(cfg, resume=bool(args.resume))))
+    print_seed_table(rows)
 
 
 def sweep(args: argparse.Namespace, base: CifarConfig) -> None:
@@ -403,15 +450,20 @@ def sweep(args: argparse.Namespace, base: CifarConfig) -> None:
             raise engine.ConfigError(f"--sweep expects KEY=V1,V2,..., got {item!r}")
         axes.append([f"{key.strip()}={v.strip()}" for v in values.split(",")])
     root = Path(run_folder(base)) / "sweep"
-    rows = []
+    rows, seed_list = [], parse_seeds(args.seeds)
     for combo in itertools.product(*axes):
-        overrides = {**args.overrides, "out": str(root / "_".join(combo))}
-        cfg = engine.build_config(CifarConfig, args.config, [*args.set, *combo], overrides)
-        rows.append((combo, run(cfg, resume=bool(args.resume))))
-    print("\n| run | top-1 | best top-1 | teacher top-1 | gap | KL | agreement |\n|---|---|---|---|---|---|---|")
+        for seed in seed_list:
+            overrides = {**args.overrides, "out": seed_folder(str(root / "_".join(combo)), seed),
+                         **({} if seed is None else {"seed": seed})}
+            cfg = engine.build_config(CifarConfig, args.config, [*args.set, *combo], overrides)
+            rows.append((combo, run(cfg, resume=bool(args.resume))))
+    print("\n| run | seed | top-1 | best top-1 | teacher top-1 | gap | KL | agreement |\n|---|---|---|---|---|---|---|---|")
     for combo, s in rows:
         cells = [s.get(k) for k in ("top1", "best_top1", "teacher_top1", "gap", "kl", "agreement")]
-        print(f"| {' '.join(combo)} | " + " | ".join("–" if v is None else f"{v:.2f}" for v in cells) + " |")
+        print(f"| {' '.join(combo)} | {s['seed']} | " + " | ".join("–" if v is None else f"{v:.2f}" for v in cells)
+              + " |")
+    if args.seeds:
+        print_seed_table([(" ".join(combo), s) for combo, s in rows])
 
 
 def main(argv=None) -> int:
@@ -421,6 +473,8 @@ def main(argv=None) -> int:
             quickstart(cfg)
         elif args.sweep:
             sweep(args, cfg)
+        elif args.seeds:
+            seeds(args, cfg)
         else:
             run(cfg, resume=args.resume)
     return engine.cli(body)

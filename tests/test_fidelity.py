@@ -1,6 +1,7 @@
 """The authors'-code switches (README "Fidelity switches"): each against an independent float64 reference,
 the presets, and what the official semantics imply (pesf_official's student is kd_official's)."""
 import copy
+import json
 from pathlib import Path
 
 import pytest
@@ -185,3 +186,17 @@ def test_pesf_official_student_is_the_kd_official_student(fake_cifar, teacher_ck
     assert moved
     # the paper's PESF-KD student (adapted teacher as target) is a different student
     assert any(not torch.equal(v, pesf[k]) for k, v in kd_official.items())
+
+
+def test_fit_wires_grad_accum_and_lr_overwrite(fake_cifar, teacher_ckpt, tmp_path):
+    # 3 batches with grad_accum 4: no optimiser step has happened yet, the student's weights are still its init
+    student = student_after(tmp_path, fake_cifar, teacher_ckpt, "kd_official", limit_batches=3)
+    engine.seed_everything(0)
+    init = models.build_model("resnet8", 100)
+    for name, p in init.named_parameters():
+        assert torch.equal(student[name], p.detach()), name
+    # FT-KD official: teacher lr 1e-4 until the decay, then the student's lr for every group
+    student_after(tmp_path, fake_cifar, teacher_ckpt, "ftkd_official", epochs=2, limit_batches=1, lr_milestones=[1])
+    rows = [json.loads(line) for line in (tmp_path / "ftkd_official" / "metrics.jsonl").read_text().splitlines()]
+    lrs = [r[key] for r in rows for key in ("lr_student", "lr_teacher")]
+    assert lrs == pytest.approx([0.05, 1e-4, 0.005, 0.005])

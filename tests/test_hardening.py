@@ -273,4 +273,5 @@ def test_readme_cifar_commands_run_in_order_at_a_reduced_size(fake_cifar, tmp_pa
         extra = ["--benchmark-steps", "1", "--batch-size", "8"] if benchmark else reduced
         assert train_cifar.main(argv + extra) == 0, (argv, capsys.readouterr().err)
         ran += 1
-    assert ran == 11 and skipped == ["runs/cifar/teachers/vgg13_s0/last.pt"]   # 11: the takd example too
+    # 15: the takd example and issue 10's four (short-protocol teacher and row, CPU-study teacher and row)
+    assert ran == 15 and skipped == ["runs/cifar/teachers/vgg13_s0/last.pt"]

@@ -58,6 +58,12 @@ DIST_EVAL = [f"{KD_CORE}::test_consistency_meter_all_reduce_gloo", ENGINE,
 RESUME = [f"{CIFAR}::test_resume_is_bit_identical", f"{FEAT}::test_crd_bank_survives_resume",
           f"{LOOP}::test_resume_with_dropout_is_bit_identical", f"{LOOP}::test_resume_with_crd_bank_is_bit_identical"]
 METRICS = [KD_CORE, ENGINE, f"{LOOP}::test_consistency_metrics_where_agreement_is_not_accuracy"]
+STAGED = [f"tests/test_staged.py::{t}" for t in (
+    "test_sftn_teacher_loss_and_gradients_match_float64", "test_rco_equal_interval_schedule",
+    "test_rco_learns_from_each_anchor_then_the_converged_teacher",
+    "test_sftn_stage_trains_teacher_bridges_and_the_grafted_student_blocks_only",
+    "test_bert_branches_start_as_the_student_layers_on_the_teachers_hidden_states",
+    "test_crash_in_the_second_stage_resumes_there")]
 NLP = [f"{GLUE}::test_pkd_matches_an_independent_float64_formula",
        f"{GLUE}::test_tinybert_matches_an_independent_float64_formula",
        f"{GLUE}::test_tinybert_stage_moves_the_student_towards_the_frozen_teacher", SEM]
@@ -232,6 +238,19 @@ MUTANTS = [
            "T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.PILToTensor()])",
            "T.Compose([T.RandomResizedCrop(size), T.PILToTensor()])",
            ["tests/test_train_imagenet.py", LOOP], "ImageNet training without the horizontal flip"),
+    # distillers/staged.py and engine.run_stages: TAKD, RCO, SFTN (issue 12)
+    Mutant("sftn-kl-direction", "distillers/staged.py", "kd_core.kl_div(b, t, tau)", "kd_core.kl_div(t, b, tau)",
+           STAGED, "SFTN's branch KL with teacher and branch swapped"),
+    Mutant("sftn-kl-weight", "distillers/staged.py", "w_branch_ce, w_branch_kl, branch_tau = 1.0, 3.0, 1.0",
+           "w_branch_ce, w_branch_kl, branch_tau = 1.0, 1.0, 1.0", STAGED, "SFTN's branch KL weighted 1, not 3"),
+    Mutant("rco-schedule-shifted", "distillers/staged.py", "min(anchors - 1, epoch * anchors // epochs)",
+           "min(anchors - 1, (epoch + 1) * anchors // epochs)", STAGED, "RCO switches anchors one epoch early"),
+    Mutant("rco-never-switches", "distillers/staged.py", "        if index != self.anchor:\n",
+           "        if False:\n", STAGED, "RCO keeps the converged teacher throughout"),
+    Mutant("sftn-bert-cut", "distillers/staged.py", "(k * n // self.groups, k * m // self.groups)",
+           "(k * n // self.groups, k * m // self.groups + 1)", STAGED, "SFTN's BERT branch enters the wrong student layer"),
+    Mutant("stages-never-skipped", "engine.py", "        if stage.name in done:\n", "        if False:\n",
+           STAGED, "--resume redoes the stages already finished"),
 ]
 
 

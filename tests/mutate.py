@@ -59,7 +59,8 @@ RESUME = [f"{CIFAR}::test_resume_is_bit_identical", f"{FEAT}::test_crd_bank_surv
           f"{LOOP}::test_resume_with_dropout_is_bit_identical", f"{LOOP}::test_resume_with_crd_bank_is_bit_identical"]
 METRICS = [KD_CORE, ENGINE, f"{LOOP}::test_consistency_metrics_where_agreement_is_not_accuracy"]
 STAGED = [f"tests/test_staged.py::{t}" for t in (
-    "test_sftn_teacher_loss_and_gradients_match_float64", "test_rco_equal_interval_schedule",
+    "test_sftn_teacher_loss_and_gradients_match_float64", "test_sftn_distiller_weights_its_branches_as_the_paper",
+    "test_rco_equal_interval_schedule",
     "test_rco_learns_from_each_anchor_then_the_converged_teacher",
     "test_sftn_stage_trains_teacher_bridges_and_the_grafted_student_blocks_only",
     "test_bert_branches_start_as_the_student_layers_on_the_teachers_hidden_states",
@@ -249,6 +250,10 @@ MUTANTS = [
            "        if False:\n", STAGED, "RCO keeps the converged teacher throughout"),
     Mutant("sftn-bert-cut", "distillers/staged.py", "(k * n // self.groups, k * m // self.groups)",
            "(k * n // self.groups, k * m // self.groups + 1)", STAGED, "SFTN's BERT branch enters the wrong student layer"),
+    Mutant("takd-student-skips-assistant", "distillers/staged.py",
+           'engine.Stage("student", "kd", teacher_from="assistant")', 'engine.Stage("student", "kd")',
+           [*STAGED, "tests/test_staged.py::test_takd_sftn_rco_on_real_cifar"],
+           "TAKD's student learns from the teacher, not the assistant"),
     Mutant("stages-never-skipped", "engine.py", "        if stage.name in done:\n", "        if False:\n",
            STAGED, "--resume redoes the stages already finished"),
 ]

@@ -61,6 +61,23 @@ def test_sftn_teacher_loss_and_gradients_match_float64():
         torch.testing.assert_close(got.grad.double(), want.grad, rtol=1e-4, atol=1e-6)
 
 
+def test_sftn_distiller_weights_its_branches_as_the_paper():
+    """SFTN's stage loss uses lambda_R^CE = 1, lambda_R^KL = 3 and tau = 1 (Park et al. 2021, eq. 3)."""
+    torch.manual_seed(0)
+    teacher, student = models.build_model("resnet8", 100), models.build_model("resnet8", 100)
+    distiller = build_distiller("sftn_teacher", student, teacher, DistillConfig(backend="torch"))
+    distiller.train()
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 100, (4,))
+    t, losses = distiller(x, y)
+    with torch.no_grad():
+        branch_logits = distiller.branches(student, teacher(x, features=True)[1])
+    assert len(branch_logits) == 2
+    torch.testing.assert_close(losses["branch_ce"].double(), sum(ce64(b, y) for b in branch_logits),
+                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(losses["branch_kl"].double(), 3.0 * sum(kl64(b, t, 1.0) for b in branch_logits),
+                               rtol=1e-4, atol=1e-6)
+
+
 def test_rco_equal_interval_schedule():
     assert [rco_anchor_index(e, 6, 3) for e in range(6)] == [0, 0, 1, 1, 2, 2]
     assert [rco_anchor_index(e, 4, 3) for e in range(4)] == [0, 0, 1, 2]

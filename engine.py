@@ -655,8 +655,10 @@ def average_buffers(distiller, dist_info: Dist) -> None:
     shard; averaged before evaluation and checkpoints, every rank evaluates, and rank 0 saves, one model."""
     if dist_info.world <= 1:
         return
-    buffers = [b for name in distiller.trainable_module_names() for b in unwrap(getattr(distiller, name)).buffers()
-               if b.is_floating_point()]
+    names = list(distiller.trainable_module_names())
+    if distiller.teacher is not None and "teacher" not in names and getattr(distiller.cfg, "teacher_bn", "") == "train":
+        names.append("teacher")   # a frozen teacher on batch statistics updates its running statistics too
+    buffers = [b for name in names for b in unwrap(getattr(distiller, name)).buffers() if b.is_floating_point()]
     for dtype in sorted({b.dtype for b in buffers}, key=str):   # the same order on every rank
         same = [b for b in buffers if b.dtype == dtype]
         flat = torch.cat([b.reshape(-1) for b in same])
@@ -843,6 +845,8 @@ def fit(cfg, dist_info: Dist, distiller, optimizer: torch.optim.Optimizer, train
     updated_params = distiller.updated_params()
     if dist_info.world > 1:
         wrap_ddp(distiller, dist_info)
+    if getattr(cfg, "lr_overwrite", False) and (cfg.lr_schedule != "step" or cfg.warmup_epochs):
+        raise ConfigError("lr_overwrite mirrors the authors' step decays: it needs lr_schedule=step and no warm-up")
     step = TrainStep(distiller, optimizer, amp_dtype, device, cuda_graph=cfg.cuda_graph,
                      grad_accum=getattr(cfg, "grad_accum", 1))
     save_every = getattr(cfg, "save_every", 0)
@@ -856,6 +860,11 @@ def fit(cfg, dist_info: Dist, distiller, optimizer: torch.optim.Optimizer, train
         optimizer.load_state_dict(ckpt["optimizer"])
         start_epoch, best, history = ckpt["epoch"], ckpt["best_top1"], ckpt["history"]
         start_step, saved_sums = ckpt.get("step", 0), ckpt.get("loss_sums")
+        if "accum" in ckpt:
+            step.calls = ckpt["accum"]["calls"]
+            params = [p for g in optimizer.param_groups for p in g["params"]]
+            for p, grad in zip(params, ckpt["accum"]["grads"]):
+                p.grad = None if grad is None else grad.to(p.device)
         set_rng_state(ckpt["rng"])
         log.truncate_metrics(start_epoch)
         log.print(f"resumed from {resume} at epoch {start_epoch}" + (f", step {start_step}" if start_step else ""))
@@ -871,6 +880,9 @@ def fit(cfg, dist_info: Dist, distiller, optimizer: torch.optim.Optimizer, train
                 "history": history, "rng": rng_state(), "config": config_dict(cfg), "top1": metrics.get("top1")}
         if steps_done:
             ckpt.update(step=steps_done, loss_sums=sums.cpu())
+        if step.grad_accum > 1:   # the accumulation's position and the gradients summed so far
+            ckpt["accum"] = {"calls": step.calls, "grads": [None if p.grad is None else p.grad.detach().cpu().clone()
+                                                            for g in optimizer.param_groups for p in g["params"]]}
         return ckpt
 
     progress = Progress((cfg.epochs - start_epoch) * len(train) - start_step, log, cfg.log_every, _runs_to_follow)
@@ -994,6 +1006,9 @@ def run_stages(cfg, stages: list[Stage], stage_config, run_one, resume: bool, lo
     the last stage's summary with ``updated_params`` and ``train_time_s`` summed over the stages and
     ``stages`` (per stage: run folder, updated params, train time, top-1).
     """
+    if getattr(cfg, "benchmark_steps", 0):
+        raise ConfigError(f"--benchmark-steps times one run; {cfg.method} runs {len(stages)} stages: benchmark "
+                          f"their methods ({', '.join(s.method for s in stages)}) one by one")
     out = Path(cfg.out)
     record = out / STAGES_FILE
     done: dict = json.loads(record.read_text()) if resume and record.is_file() else {}
@@ -1012,6 +1027,8 @@ def run_stages(cfg, stages: list[Stage], stage_config, run_one, resume: bool, lo
         log.print(f"stage {i + 1}/{len(stages)} ({stage.name}): {stage.method} into {stage_cfg.out}"
                   + (" (resumed)" if stage_resume else ""))
         summary = run_one(stage_cfg, resume=stage_resume)
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()   # the next stage loads what rank 0 has just written
         done[stage.name] = {"out": stage_cfg.out, "method": stage.method, "summary": summary}
         if log.enabled:
             out.mkdir(parents=True, exist_ok=True)

@@ -96,6 +96,8 @@ def load_run(folder: Path) -> Run:
             raise RunError(f"outputs.pt malformed ({type(err).__name__})") from None
         if not isinstance(outputs, dict) or not {"labels", "student_logits", "student_features"} <= set(outputs):
             raise RunError("outputs.pt lacks labels, student_logits or student_features")
+    if "stages" in summary:   # a multi-stage run: its last stage's config names that stage's method and teacher
+        config = {**config, "method": summary["method"], "teacher": summary.get("teacher", config.get("teacher"))}
     return Run(folder, config, summary, metrics, outputs)
 
 
@@ -111,6 +113,8 @@ def find_runs(patterns: list[str], log=print) -> list[Run]:
                 found += sorted({p.parent for m in markers for p in match.rglob(m)})
         if not found:
             log(f"skipped {pattern}: no run folder (config.yaml, summary.json, metrics.jsonl) there")
+        # A multi-stage run (stages.json) is reported as one run; its intermediate stages' folders are not runs.
+        found = [f for f in found if not (f.parent / "stages.json").is_file()]
         folders += [f for f in found if f not in folders]
     runs = []
     for folder in folders:

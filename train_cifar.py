@@ -433,8 +433,10 @@ def seeds(args: argparse.Namespace, base: CifarConfig) -> None:
         raise engine.ConfigError("--resume PATH continues one run; --seeds continues with --resume alone")
     rows = []
     for seed in parse_seeds(args.seeds):
-        cfg = engine.build_config(CifarConfig, args.config, args.set, {**args.overrides, "seed": seed,
-                                                                      "out": seed_folder(run_folder(base), seed)})
+        overrides = {**args.overrides, "seed": seed}
+        if base.out and "{seed}" not in base.out:   # else the seed's own run_folder(), as when started alone
+            overrides["out"] = seed_folder(base.out, seed)
+        cfg = engine.build_config(CifarConfig, args.config, args.set, overrides)
         rows.append((base.method, run(cfg, resume=bool(args.resume))))
     print_seed_table(rows)
 

@@ -66,3 +66,21 @@ def test_two_ranks_evaluate_and_save_the_same_buffers(fake_cifar, teacher_ckpt, 
     images, labels = train_cifar.load_cifar100(fake_cifar)["test"]
     assert summary["top1"] == top1(student, images, labels)
     assert summary["teacher_top1"] == top1(teacher, images, labels)
+
+
+def test_a_frozen_teacher_on_batch_statistics_is_averaged_too(monkeypatch):
+    """teacher_bn: train updates a frozen teacher's running statistics on each rank's shard, so they are averaged
+    like a trained network's; with teacher_bn: eval they never change and are left alone. The other rank is
+    simulated as holding zeros: the all-reduce adds nothing, the average halves."""
+    import engine
+    from distillers import DistillConfig, build_distiller
+    monkeypatch.setattr(engine.dist, "all_reduce", lambda tensor: None)
+    for teacher_bn, factor in (("train", 0.5), ("eval", 1.0)):
+        teacher = models.build_model("resnet8", 100)
+        for m in teacher.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.fill_(2.0)
+        distiller = build_distiller("kd", models.build_model("resnet8", 100), teacher,
+                                    DistillConfig(teacher_bn=teacher_bn, backend="torch"))
+        engine.average_buffers(distiller, engine.Dist(rank=0, world=2))
+        assert float(teacher.bn1.running_mean[0]) == 2.0 * factor, teacher_bn

@@ -200,3 +200,8 @@ def test_fit_wires_grad_accum_and_lr_overwrite(fake_cifar, teacher_ckpt, tmp_pat
     rows = [json.loads(line) for line in (tmp_path / "ftkd_official" / "metrics.jsonl").read_text().splitlines()]
     lrs = [r[key] for r in rows for key in ("lr_student", "lr_teacher")]
     assert lrs == pytest.approx([0.05, 1e-4, 0.005, 0.005])
+
+
+def test_lr_overwrite_needs_the_step_schedule(fake_cifar, teacher_ckpt, tmp_path):
+    with pytest.raises(engine.ConfigError, match="lr_overwrite"):
+        student_after(tmp_path, fake_cifar, teacher_ckpt, "kd_official", lr_schedule="cosine")

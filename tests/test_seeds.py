@@ -32,3 +32,9 @@ def test_seeds_with_sweep_and_bad_seeds(fake_cifar, teacher_ckpt, tmp_path, caps
     assert "| tau=2 | 2 |" in capsys.readouterr().out
     assert train_cifar.main([*common, "--seeds", "0,zero"]) == 2
     assert "--seeds expects integers" in capsys.readouterr().err
+
+
+def test_seeds_use_the_folder_each_seed_would_use_alone(fake_cifar, tmp_path):
+    common = [*TINY, "--method", "ce", "--student", "resnet8", "--data-dir", str(fake_cifar)]
+    assert train_cifar.main([*common, "--out", str(tmp_path / "x_s{seed}"), "--seeds", "1,2"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x_s1", "x_s2"]

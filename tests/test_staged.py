@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 import engine
 import models
+import report
 import train_cifar
 import train_glue
 from distillers import DistillConfig, build_distiller
@@ -205,6 +206,11 @@ def test_takd_sftn_rco_on_real_cifar(cifar_dir, fake_cifar, teacher_ckpt, tmp_pa
     assert takd["train_time_s"] == pytest.approx(sum(s["train_time_s"] for s in takd["stages"].values()))
     final = engine.build_config(CifarConfig, str(tmp_path / "takd" / "config.yaml"))
     assert (final.teacher, final.teacher_ckpt) == ("resnet14", str(tmp_path / "takd" / "assistant" / "last.pt"))
+    # report.py sees one takd run from the original teacher, not a kd run from the assistant plus the assistant
+    [run] = report.find_runs([str(tmp_path / "takd")])
+    assert (run.config["method"], run.config["teacher"]) == ("takd", "resnet8")
+    with pytest.raises(engine.ConfigError, match="benchmark"):
+        train_cifar.run(CifarConfig(**common, method="takd", benchmark_steps=2, out=str(tmp_path / "bench")))
 
     sftn = train_cifar.run(CifarConfig(**common, method="sftn", out=str(tmp_path / "sftn")))
     final = engine.build_config(CifarConfig, str(tmp_path / "sftn" / "config.yaml"))

@@ -83,6 +83,17 @@ def test_resume_with_dropout_is_bit_identical(fake_cifar, tmp_path, monkeypatch)
     assert [r["lr_student"] for r in rows] == pytest.approx(expected, rel=1e-12)
 
 
+def test_resume_inside_a_gradient_accumulation_is_bit_identical(fake_cifar, tmp_path, monkeypatch):
+    """grad_accum 3 with 2 batches per epoch: epoch 1 ends with two batches' gradients pending (the count runs
+    across epochs, as the authors' ``(idx + 1) % 4``); the checkpoint keeps them and the position, so the resumed
+    run takes its one optimiser step on the same batch, with the same summed gradient, as the straight run."""
+    a, b = straight_and_resumed(tmp_path, fake_cifar, monkeypatch, method="ce", student="resnet8", grad_accum=3)
+    assert_same_state(a, b)
+    torch.manual_seed(0)
+    init = models.build_model("resnet8", 100).state_dict()
+    assert any(not torch.equal(v, init[k]) for k, v in a["distiller"]["student"].items() if v.is_floating_point())
+
+
 def test_resume_with_crd_bank_is_bit_identical(fake_cifar, teacher_ckpt, tmp_path, monkeypatch):
     """CRD draws its negatives from the global RNG and keeps a momentum bank: both must continue exactly."""
     def small_crd(student, teacher, cfg, num_train):   # 64 negatives instead of 16384: the same code, faster

@@ -114,23 +114,18 @@ MUTANTS = [
            '''"teacher_ce": terms.ce_t}\n\n\nclass PESF''',
            [SEM, *TEACHER_MOVES], "FT-KD's teacher CE unweighted"),
     Mutant("pesf-no-detach", "distillers/logit.py",
-           "s, t, s_feats, t_feats = self._students_and_teachers(x, teacher_grad=True)\n"
-           "        terms = kd_core.distill_terms(s, t, y, self.cfg.tau, adjust=self.use_label_adjust(True),\n"
-           "                                      detach_targets=True",
-           "s, t, s_feats, t_feats = self._students_and_teachers(x, teacher_grad=True)\n"
-           "        terms = kd_core.distill_terms(s, t, y, self.cfg.tau, adjust=self.use_label_adjust(True),\n"
-           "                                      detach_targets=False",
+           "adjust=adjust,\n                                      detach_targets=True, backend=self.cfg.backend)\n"
+           "        teacher_terms",
+           "adjust=adjust,\n                                      detach_targets=False, backend=self.cfg.backend)\n"
+           "        teacher_terms",
            [SEM, *CIFAR_RUNS], "PESF-KD's KL targets not detached (the issue's first example)"),
-    Mutant("pesf-teacher-ce-weight", "distillers/logit.py", '''"teacher_ce": self.cfg.w_tce * terms.ce_t}
-        self._add''', '''"teacher_ce": (1 - self.cfg.alpha) * terms.ce_t}
-        self._add''', [SEM, *CIFAR_RUNS], "PESF-KD's teacher CE weighted by 1 - alpha (the issue's second example)"),
-    Mutant("pesf-w-tkl-ignored", "distillers/logit.py", '''"teacher_kl": w_tkl * terms.kl_st''',
-           '''"teacher_kl": self.cfg.alpha * terms.kl_st''', [SEM, *CIFAR_RUNS], "PESF-KD ignores w_tkl"),
-    Mutant("pesf-no-label-adjust", "distillers/logit.py",
-           "teacher_grad=True)\n        terms = kd_core.distill_terms(s, t, y, self.cfg.tau, "
-           "adjust=self.use_label_adjust(True)",
-           "teacher_grad=True)\n        terms = kd_core.distill_terms(s, t, y, self.cfg.tau, "
-           "adjust=self.use_label_adjust(False)",
+    Mutant("pesf-teacher-ce-weight", "distillers/logit.py", '"teacher_ce": self.cfg.w_tce * teacher_terms.ce_t}',
+           '"teacher_ce": (1 - self.cfg.alpha) * teacher_terms.ce_t}', [SEM, *CIFAR_RUNS],
+           "PESF-KD's teacher CE weighted by 1 - alpha (the issue's second example)"),
+    Mutant("pesf-w-tkl-ignored", "distillers/logit.py", '"teacher_kl": w_tkl * teacher_kl',
+           '"teacher_kl": self.cfg.alpha * teacher_kl', [SEM, *CIFAR_RUNS], "PESF-KD ignores w_tkl"),
+    Mutant("pesf-no-label-adjust", "distillers/logit.py", "adjust, tau = self.use_label_adjust(True), self.cfg.tau",
+           "adjust, tau = self.use_label_adjust(False), self.cfg.tau",
            [SEM, *CIFAR_RUNS], "PESF-KD without label adjustment by default"),
     Mutant("dml-temperature", "distillers/logit.py", "terms = kd_core.distill_terms(s, t, y, 1.0,",
            "terms = kd_core.distill_terms(s, t, y, self.cfg.tau,", [SEM, *TEACHER_MOVES], "DML at the KD temperature"),
@@ -147,9 +142,8 @@ MUTANTS = [
            "beta = self.cfg.feat_weight if self.cfg.feat_weight is not None else term.default_weight",
            "beta = term.default_weight", [SEM, FEAT], "feat_weight (beta) from the config ignored"),
     Mutant("frozen-teacher-trains-bn", "distillers/base.py",
-           '''        if self.teacher is not None and self.teacher_mode == "frozen":
-            self.teacher.eval()
-''', "", [SEM, *CIFAR_RUNS], "the frozen teacher runs in train mode (BatchNorm statistics drift)"),
+           'self.teacher.train(mode and self.cfg.teacher_bn == "train")', "self.teacher.train(mode)",
+           [SEM, *CIFAR_RUNS], "the frozen teacher runs in train mode (BatchNorm statistics drift)"),
     Mutant("adapter-lr", "distillers/base.py", '''"lr": self.cfg.adapter_lr''', '''"lr": self.cfg.teacher_lr''',
            [SEM, ENGINE, *CIFAR_RUNS], "adapters trained at the teacher lr"),
     # models/common.py
@@ -212,7 +206,7 @@ MUTANTS = [
            [ENGINE, LOOP, *CIFAR_RUNS], "evaluation in train mode (BatchNorm batch statistics)"),
     Mutant("train-loss-not-per-rank", "engine.py", "float(v) / (len(train) * dist_info.world)", "float(v) / len(train)",
            [f"{CIFAR}::test_ddp_two_processes_match_one", LOOP], "logged train losses summed over ranks"),
-    Mutant("lr-compounds", "engine.py", 'group["lr"] = group["base_lr"] * factor', 'group["lr"] = group["lr"] * factor',
+    Mutant("lr-compounds", "engine.py", 'group["lr"] = base * factor', 'group["lr"] = group["lr"] * factor',
            [ENGINE, LOOP], "the schedule scales the current lr, not the base lr"),
     # data paths of the three scripts
     Mutant("cifar-no-flip", "train_cifar.py", "flip = torch.rand(per_rank, generator=aug, device=self.device) < 0.5",

@@ -64,3 +64,23 @@ def torchrun(args: list[str], nproc: int = 2, cwd: Path = ROOT) -> subprocess.Co
     assert proc.returncode == 0, f"torchrun exited {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}" \
                                  f"\n--- stderr\n{proc.stderr[-6000:]}"
     return proc
+
+
+class Pair(torch.nn.Module):
+    """The student and teacher attributes ``engine.evaluate`` reads from a distiller."""
+
+    def __init__(self, s, t):
+        super().__init__()
+        self.student, self.teacher = s, t
+
+
+class RowBatches:
+    """``epoch(e)`` yields ``(x, y, index)`` batches whose inputs are the row indices of ``y``."""
+
+    def __init__(self, y, size):
+        self.y, self.size = y, size
+
+    def epoch(self, epoch):
+        for i in range(0, len(self.y), self.size):
+            x = torch.arange(i, min(i + self.size, len(self.y)))
+            yield x, self.y[x], x

@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 import engine
+from conftest import Pair, RowBatches
 
 
 @dataclass
@@ -57,27 +58,11 @@ class FixedNet(nn.Module):
         return (z, {"pooled": z * 2}) if features else z
 
 
-class Pair(nn.Module):
-    def __init__(self, s, t):
-        super().__init__()
-        self.student, self.teacher = s, t
-
-
-class ListBatches:
-    def __init__(self, y, size):
-        self.y, self.size = y, size
-
-    def epoch(self, e):
-        for i in range(0, len(self.y), self.size):
-            x = torch.arange(i, min(i + self.size, len(self.y)))
-            yield x, self.y[x], x
-
-
 def test_evaluate_accuracy_f1_and_consistency_by_hand():
     y = torch.tensor([1, 0, 1, 1, 0])
     s = torch.tensor([[0., 1], [0, 1], [1, 0], [0, 1], [1, 0]])     # predicts 1, 1, 0, 1, 0
     t = torch.tensor([[0., 2], [3, 0], [0, 1], [0, 5], [2, 0]])     # predicts 1, 0, 1, 1, 0
-    out = engine.evaluate(Pair(FixedNet(s), FixedNet(t)), ListBatches(y, 2), None, torch.device("cpu"))
+    out = engine.evaluate(Pair(FixedNet(s), FixedNet(t)), RowBatches(y, 2), None, torch.device("cpu"))
     assert out["top1"] == pytest.approx(60.0)              # rows 0, 3, 4
     assert out["f1"] == pytest.approx(100 * 2 * 2 / (3 + 3))  # tp 2, predicted 3, actual 3
     assert out["teacher_top1"] == pytest.approx(100.0) and out["teacher_f1"] == pytest.approx(100.0)
@@ -92,7 +77,7 @@ def test_evaluate_mcc_is_the_pearson_correlation_of_predictions_and_labels(seed)
     n = 37
     y = torch.randint(0, 2, (n,), generator=g)
     s = torch.randn(n, 2, generator=g) + 1.5 * seed / 5 * nn.functional.one_hot(y, 2)
-    out = engine.evaluate(Pair(FixedNet(s), FixedNet(s.flip(1))), ListBatches(y, 8), None, torch.device("cpu"))
+    out = engine.evaluate(Pair(FixedNet(s), FixedNet(s.flip(1))), RowBatches(y, 8), None, torch.device("cpu"))
     pred = s.argmax(1).numpy().astype(float)
     expected = 100 * np.corrcoef(pred, y.numpy().astype(float))[0, 1]
     assert out["mcc"] == pytest.approx(expected, rel=1e-9, abs=1e-9)
@@ -102,7 +87,7 @@ def test_evaluate_mcc_is_the_pearson_correlation_of_predictions_and_labels(seed)
 def test_evaluate_mcc_is_zero_when_one_class_is_never_predicted():
     y = torch.tensor([1, 0, 1, 0])
     always_one = torch.tensor([[0., 1]] * 4)
-    out = engine.evaluate(Pair(FixedNet(always_one), FixedNet(always_one)), ListBatches(y, 2), None,
+    out = engine.evaluate(Pair(FixedNet(always_one), FixedNet(always_one)), RowBatches(y, 2), None,
                           torch.device("cpu"))
     assert out["mcc"] == 0.0 and out["top1"] == pytest.approx(50.0)
 

@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import engine
+from conftest import Pair, RowBatches
 import models
 import train_cifar
 from distillers import FEATURE_TERMS, DistillConfig, build_distiller
@@ -254,22 +255,6 @@ class FixedNet(nn.Module):
 
     def forward(self, x, features=False):
         return (self.logits[x], {"pooled": self.feats[x]}) if features else self.logits[x]
-
-
-class Pair(nn.Module):
-    def __init__(self, s, t):
-        super().__init__()
-        self.student, self.teacher = s, t
-
-
-class RowBatches:
-    def __init__(self, y, size):
-        self.y, self.size = y, size
-
-    def epoch(self, epoch):
-        for i in range(0, len(self.y), self.size):
-            x = torch.arange(i, min(i + self.size, len(self.y)))
-            yield x, self.y[x], x
 
 
 def linear_cka(x, y):

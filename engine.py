@@ -5,6 +5,7 @@ Everything here is method- and data-agnostic; the scripts read top to bottom and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -455,6 +456,20 @@ def git_commit() -> str:
     return sha + ("-dirty" if dirty else "")
 
 
+_console_tag = ""   # "[run] " while multirun interleaves several runs' console lines
+
+
+@contextlib.contextmanager
+def console_tag(tag: str):
+    """Prefix this process's run console lines (logs, progress) with ``tag`` inside the block."""
+    global _console_tag
+    previous, _console_tag = _console_tag, tag
+    try:
+        yield
+    finally:
+        _console_tag = previous
+
+
 class RunLog:
     def __init__(self, out: str | Path, enabled: bool = True) -> None:
         self.out = Path(out)
@@ -464,7 +479,7 @@ class RunLog:
 
     def print(self, *args) -> None:
         if self.enabled:
-            print(*args, flush=True)
+            print(_console_tag + " ".join(map(str, args)), flush=True)
 
     def write_config(self, cfg: dict) -> None:
         if self.enabled:
@@ -523,7 +538,7 @@ class Progress:
             msg += f" (this and {self.runs_after} more run{'s' if self.runs_after > 1 else ''})"
         if loss is not None:
             msg += f", loss {loss:.4f}"
-        print(msg, file=sys.stdout, flush=True)
+        print(_console_tag + msg, file=sys.stdout, flush=True)
 
 
 def _hms(seconds: float) -> str:
@@ -830,9 +845,25 @@ def load_resume_checkpoint(path: Path) -> dict:
         raise CheckpointError(f"{err}{hint}") from None
 
 
+def drain(steps: typing.Generator):
+    """Run a generator of training steps (``fit_steps``, a script's ``run_steps``) to its end and return
+    what it returns; ``multirun`` interleaves several of them instead."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
+
 def fit(cfg, dist_info: Dist, distiller, optimizer: torch.optim.Optimizer, train, test,
         amp_dtype: torch.dtype | None, log: RunLog, resume: Path | None = None) -> dict:
-    """Train ``distiller`` for ``cfg.epochs`` and return the summary.
+    """``fit_steps`` run to its end: the summary."""
+    return drain(fit_steps(cfg, dist_info, distiller, optimizer, train, test, amp_dtype, log, resume))
+
+
+def fit_steps(cfg, dist_info: Dist, distiller, optimizer: torch.optim.Optimizer, train, test,
+              amp_dtype: torch.dtype | None, log: RunLog, resume: Path | None = None):
+    """Train ``distiller`` for ``cfg.epochs``, yielding after every training step; returns the summary.
 
     ``train`` / ``test``: ``len()`` batches and ``epoch(e)`` yielding ``(x, y, index)`` on the device.
     ``cfg`` supplies epochs, lr_schedule, lr_milestones, lr_decay, warmup_epochs, log_every,
@@ -923,8 +954,9 @@ def fit(cfg, dist_info: Dist, distiller, optimizer: torch.optim.Optimizer, train
                 rank_sums = gather_rows(sums)
                 if dist_info.main:
                     save_atomic(checkpoint(epoch, i + 1, rank_sums), last_path)
+            yield   # between steps, other runs of this process may take theirs (multirun)
         if device.type == "cuda":
-            torch.cuda.synchronize()
+            torch.cuda.current_stream(device).synchronize()   # this run's stream: concurrent runs keep going
         train_time = time.perf_counter() - started
         all_reduce_sum(sums)
         average_buffers(distiller, dist_info)
@@ -996,8 +1028,9 @@ class Stage:
 STAGES_FILE = "stages.json"
 
 
-def run_stages(cfg, stages: list[Stage], stage_config, run_one, resume: bool, log: RunLog) -> dict:
-    """Run ``stages`` in order, ``run_one(stage_cfg, resume) -> summary`` for each.
+def run_stages(cfg, stages: list[Stage], stage_config, run_one, resume: bool, log: RunLog):
+    """Run ``stages`` in order, yielding after every training step; ``run_one(stage_cfg, resume)`` is a
+    generator of one stage's steps that returns its summary.
 
     ``stage_config(cfg, stage, out, source)`` makes a stage's config, running into ``out``; ``source`` is
     ``(run folder, Stage)`` of the stage named by ``teacher_from`` (None when there is none).
@@ -1026,7 +1059,7 @@ def run_stages(cfg, stages: list[Stage], stage_config, run_one, resume: bool, lo
         stage_resume = resume and (Path(stage_cfg.out) / "last.pt").is_file()
         log.print(f"stage {i + 1}/{len(stages)} ({stage.name}): {stage.method} into {stage_cfg.out}"
                   + (" (resumed)" if stage_resume else ""))
-        summary = run_one(stage_cfg, resume=stage_resume)
+        summary = yield from run_one(stage_cfg, resume=stage_resume)
         if dist.is_available() and dist.is_initialized():
             dist.barrier()   # the next stage loads what rank 0 has just written
         done[stage.name] = {"out": stage_cfg.out, "method": stage.method, "summary": summary}
@@ -1046,10 +1079,20 @@ def run_stages(cfg, stages: list[Stage], stage_config, run_one, resume: bool, lo
     return total
 
 
+WARM = "warm"   # what time_steps yields once its warm-up steps have finished on the device
+
+
 def benchmark(cfg, dist_info: Dist, distiller, optimizer: torch.optim.Optimizer, batches,
               amp_dtype: torch.dtype | None, log: RunLog) -> dict:
-    """Time ``cfg.benchmark_steps`` training steps after 10 warm-up steps; print the result and save it as
-    ``<out>/benchmark.json`` (never a run's summary.json, config.yaml or checkpoints)."""
+    """``time_steps`` run to its end: the result."""
+    return drain(time_steps(cfg, dist_info, distiller, optimizer, batches, amp_dtype, log))
+
+
+def time_steps(cfg, dist_info: Dist, distiller, optimizer: torch.optim.Optimizer, batches,
+               amp_dtype: torch.dtype | None, log: RunLog):
+    """Time ``cfg.benchmark_steps`` training steps after 10 warm-up steps, yielding after every step (and
+    ``WARM`` between the two); print the result and save it as ``<out>/benchmark.json`` (never a run's
+    summary.json, config.yaml or checkpoints)."""
     device = dist_info.device
     updated_params = distiller.updated_params()
     if dist_info.world > 1:
@@ -1057,20 +1100,23 @@ def benchmark(cfg, dist_info: Dist, distiller, optimizer: torch.optim.Optimizer,
     step = TrainStep(distiller, optimizer, amp_dtype, device, cuda_graph=cfg.cuda_graph,
                      grad_accum=getattr(cfg, "grad_accum", 1))
     distiller.train()
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = torch.cuda.current_stream(device).synchronize if device.type == "cuda" else (lambda: None)
     prepared = []
     while len(prepared) < cfg.benchmark_steps + 10:
         prepared.extend(batches.epoch(len(prepared)))
     for x, y, index in prepared[:10]:
         step(x, y, index)
+        yield
     sync()
+    yield WARM
     started = time.perf_counter()
     for x, y, index in prepared[10:10 + cfg.benchmark_steps]:
         step(x, y, index)
+        yield
     sync()
     ms = 1000 * (time.perf_counter() - started) / cfg.benchmark_steps
     batch = cfg.batch_size
-    result = {"method": cfg.method, "batch_size": batch, "amp": str(amp_dtype), "cuda_graph": step.cuda_graph,
+    result = {"method": cfg.method, "batch_size": batch, "steps": cfg.benchmark_steps, "amp": str(amp_dtype), "cuda_graph": step.cuda_graph,
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "world": dist_info.world, "step_ms": ms, "images_per_s": batch / ms * 1000,
               "updated_params": updated_params}

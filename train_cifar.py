@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import itertools
 import os
 import pickle
@@ -25,6 +26,7 @@ import torch.nn as nn
 
 import engine
 import models
+import multirun
 from distillers import STAGED_METHODS, DistillConfig, build_distiller, method_names, needs_teacher
 from distillers.feature import run_init_stage
 from distillers.nlp import FACTORIES as BERT_ONLY_TERMS
@@ -263,11 +265,19 @@ def stage_config(cfg: CifarConfig, stage: engine.Stage, out: str,
 
 
 def run(cfg: CifarConfig, resume: bool | str = False) -> dict:
+    """One run, start to end: its summary (``summary.json``)."""
+    return engine.drain(run_steps(cfg, resume))
+
+
+def run_steps(cfg: CifarConfig, resume: bool | str = False):
+    """One run as a generator that yields after every training step and returns the summary, so that
+    several runs can share a process (``multirun``)."""
     dist = engine.init_distributed(cfg.device)
     cfg, amp_dtype = resolve(cfg, dist)
     log = engine.RunLog(cfg.out, enabled=dist.main)
     if cfg.method in STAGED_METHODS:
-        return engine.run_stages(cfg, STAGED_METHODS[cfg.method], stage_config, run, resume, log)
+        stages = STAGED_METHODS[cfg.method]
+        return (yield from engine.run_stages(cfg, stages, stage_config, run_steps, resume, log))
     resume_from = None if cfg.benchmark_steps else engine.open_run(resume, log)
     engine.seed_everything(cfg.seed)
 
@@ -300,8 +310,9 @@ def run(cfg: CifarConfig, resume: bool | str = False) -> dict:
         run_init_stage(distiller, train, lambda params, lr: sgd(params, lr, cfg), amp_dtype, log.print)
     optimizer = sgd(engine.param_groups(distiller), cfg.lr, cfg)
     if cfg.benchmark_steps:
-        return engine.benchmark(cfg, dist, distiller, optimizer, train, amp_dtype, log)
-    summary = engine.fit(cfg, dist, distiller, optimizer, train, test, amp_dtype, log, resume=resume_from)
+        return (yield from engine.time_steps(cfg, dist, distiller, optimizer, train, amp_dtype, log))
+    summary = yield from engine.fit_steps(cfg, dist, distiller, optimizer, train, test, amp_dtype, log,
+                                          resume=resume_from)
     if dist.main and teacher is not None and distiller.teacher_mode != "frozen":   # a trained teacher, for later runs
         engine.save_atomic({"model": engine.unwrap(distiller.teacher).state_dict()}, Path(cfg.out) / "teacher.pt")
     summary.update(method=cfg.method, teacher=cfg.teacher if teacher is not None else None, student=cfg.student,
@@ -389,9 +400,17 @@ def parse_args(argv=None) -> tuple[CifarConfig, argparse.Namespace]:
     p.add_argument("--quickstart", action="store_true", help="teacher, then ce/kd/pesf students, and a table")
     p.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2,...",
                    help="run every combination of these values (repeatable) and print a table")
-    p.add_argument("--seeds", metavar="S1,S2,...", help="one run per seed, one after another, each in its own "
-                   "folder (<out>_s<seed> unless out names {seed}), then a mean +- std table")
-    return engine.parse_config(CifarConfig, p, argv, actions=("quickstart", "sweep", "seeds"))
+    p.add_argument("--seeds", metavar="S1,S2,...", help="one run per seed, each in its own folder (<out>_s<seed> "
+                   "unless out names {seed}), then a mean +- std table; with --benchmark-steps: the aggregate "
+                   "images/s of 1, 2, 4 and 8 concurrent runs")
+    p.add_argument("--concurrent", type=int, metavar="N", help="--seeds/--sweep: at most N runs at once in this "
+                   f"process (default: {multirun.GPU_CONCURRENCY} on one GPU, 1 on a CPU or under torchrun)")
+    cfg, args = engine.parse_config(CifarConfig, p, argv, actions=("quickstart", "sweep", "seeds", "concurrent"))
+    if args.concurrent is not None and args.concurrent < 1:
+        raise engine.ConfigError(f"--concurrent must be at least 1, got {args.concurrent}")
+    if args.concurrent is not None and not (args.seeds or args.sweep):
+        raise engine.ConfigError("--concurrent N runs the runs of --seeds or --sweep concurrently; add one of them")
+    return cfg, args
 
 
 def parse_seeds(text: str | None) -> list[int | None]:
@@ -427,24 +446,59 @@ def print_seed_table(rows: list[tuple[str, dict]]) -> None:
         print(f"| {name} | {len(runs)} | " + " | ".join(cells) + " |")
 
 
+def run_many(cfgs: list[CifarConfig], args: argparse.Namespace) -> list[dict]:
+    """``cfgs`` as one process's runs, at most ``--concurrent`` at a time (default: all on one GPU, up to
+    ``multirun.GPU_CONCURRENCY``; one after another on a CPU); their summaries in order."""
+    folders = [run_folder(cfg) for cfg in cfgs]
+    twice = sorted({f for f in folders if folders.count(f) > 1})
+    if twice:
+        raise engine.ConfigError(f"two runs would write the same folder {twice[0]}: give out a {{seed}} or drop "
+                                 f"repeated values")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    concurrent = args.concurrent or multirun.default_concurrency(cfgs[0].device, world)
+    if concurrent > 1 and world > 1:
+        raise engine.ConfigError("--concurrent runs several runs in one process; under torchrun every rank "
+                                 "already shares each run: drop --concurrent or torchrun")
+    jobs = [multirun.Job(Path(folder).name, functools.partial(run_steps, cfg, bool(args.resume)))
+            for folder, cfg in zip(folders, cfgs)]
+    return multirun.run_all(jobs, concurrent, torch.device(engine.check_device(cfgs[0].device)))
+
+
+def benchmark_concurrency(args: argparse.Namespace, base: CifarConfig, cfgs: list[CifarConfig]) -> None:
+    """--benchmark-steps with --seeds: the aggregate images/s of 1, 2, 4 and 8 concurrent runs (up to
+    --concurrent), run i with the i-th seed's config (in turn), each in <out>/concurrent/n<N>_<i>."""
+    counts = [n for n in multirun.BENCHMARK_COUNTS if not args.concurrent or n <= args.concurrent]
+    root = Path(run_folder(base)) / "concurrent"
+
+    def jobs(n: int) -> list[multirun.Job]:
+        copies = [dataclasses.replace(cfgs[i % len(cfgs)], out=str(root / f"n{n}_{i}")) for i in range(n)]
+        return [multirun.Job(f"n{n}_{i}", functools.partial(run_steps, cfg)) for i, cfg in enumerate(copies)]
+
+    multirun.benchmark(jobs, counts, torch.device(engine.check_device(base.device)), root)
+
+
 def seeds(args: argparse.Namespace, base: CifarConfig) -> None:
     """--seeds without --sweep: the same config once per seed, each run exactly as if started alone."""
     if isinstance(args.resume, str):
         raise engine.ConfigError("--resume PATH continues one run; --seeds continues with --resume alone")
-    rows = []
+    cfgs = []
     for seed in parse_seeds(args.seeds):
         overrides = {**args.overrides, "seed": seed}
         if base.out and "{seed}" not in base.out:   # else the seed's own run_folder(), as when started alone
             overrides["out"] = seed_folder(base.out, seed)
-        cfg = engine.build_config(CifarConfig, args.config, args.set, overrides)
-        rows.append((base.method, run(cfg, resume=bool(args.resume))))
-    print_seed_table(rows)
+        cfgs.append(engine.build_config(CifarConfig, args.config, args.set, overrides))
+    if base.benchmark_steps:
+        return benchmark_concurrency(args, base, cfgs)
+    print_seed_table([(base.method, summary) for summary in run_many(cfgs, args)])
 
 
 def sweep(args: argparse.Namespace, base: CifarConfig) -> None:
     """One run per combination of the --sweep values, each in <out>/<key>=<value>..., then a table."""
     if isinstance(args.resume, str):
         raise engine.ConfigError("--resume PATH continues one run; a sweep continues with --resume alone")
+    if base.benchmark_steps:
+        raise engine.ConfigError("--benchmark-steps with --sweep: benchmark one config (with --seeds for the "
+                                 "concurrent throughput)")
     axes = []
     for item in args.sweep:
         key, sep, values = item.partition("=")
@@ -452,13 +506,14 @@ def sweep(args: argparse.Namespace, base: CifarConfig) -> None:
             raise engine.ConfigError(f"--sweep expects KEY=V1,V2,..., got {item!r}")
         axes.append([f"{key.strip()}={v.strip()}" for v in values.split(",")])
     root = Path(run_folder(base)) / "sweep"
-    rows, seed_list = [], parse_seeds(args.seeds)
+    combos, cfgs, seed_list = [], [], parse_seeds(args.seeds)
     for combo in itertools.product(*axes):
         for seed in seed_list:
             overrides = {**args.overrides, "out": seed_folder(str(root / "_".join(combo)), seed),
                          **({} if seed is None else {"seed": seed})}
-            cfg = engine.build_config(CifarConfig, args.config, [*args.set, *combo], overrides)
-            rows.append((combo, run(cfg, resume=bool(args.resume))))
+            cfgs.append(engine.build_config(CifarConfig, args.config, [*args.set, *combo], overrides))
+            combos.append(combo)
+    rows = list(zip(combos, run_many(cfgs, args)))
     print("\n| run | seed | top-1 | best top-1 | teacher top-1 | gap | KL | agreement |\n|---|---|---|---|---|---|---|---|")
     for combo, s in rows:
         cells = [s.get(k) for k in ("top1", "best_top1", "teacher_top1", "gap", "kl", "agreement")]

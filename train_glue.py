@@ -386,11 +386,19 @@ def stage_config(cfg: GlueConfig, stage: engine.Stage, out: str,
 
 
 def run(cfg: GlueConfig, resume: bool | str = False) -> dict:
+    """One run, start to end: its summary (``summary.json``)."""
+    return engine.drain(run_steps(cfg, resume))
+
+
+def run_steps(cfg: GlueConfig, resume: bool | str = False):
+    """One run as a generator that yields after every training step and returns the summary, so that
+    several runs can share a process (``multirun``)."""
     dist = engine.init_distributed(cfg.device)
     cfg, amp_dtype = resolve(cfg, dist)
     log = engine.RunLog(cfg.out, enabled=dist.main)
     if cfg.method in STAGED_METHODS:
-        return engine.run_stages(cfg, STAGED_METHODS[cfg.method], stage_config, run, resume, log)
+        stages = STAGED_METHODS[cfg.method]
+        return (yield from engine.run_stages(cfg, stages, stage_config, run_steps, resume, log))
     resume_from = None if cfg.benchmark_steps else engine.open_run(resume, log)
     engine.seed_everything(cfg.seed)
     task = TASKS[cfg.task]
@@ -427,8 +435,9 @@ def run(cfg: GlueConfig, resume: bool | str = False) -> dict:
                        amp_dtype, log.print)
     optimizer = adamw(engine.param_groups(distiller), cfg.lr, cfg.weight_decay)
     if cfg.benchmark_steps:
-        return engine.benchmark(cfg, dist, distiller, optimizer, train, amp_dtype, log)
-    summary = engine.fit(cfg, dist, distiller, optimizer, train, dev, amp_dtype, log, resume=resume_from)
+        return (yield from engine.time_steps(cfg, dist, distiller, optimizer, train, amp_dtype, log))
+    summary = yield from engine.fit_steps(cfg, dist, distiller, optimizer, train, dev, amp_dtype, log,
+                                          resume=resume_from)
 
     # The last epoch's models as Hugging Face folders: a ce run's student is the teacher of later runs.
     if dist.main:

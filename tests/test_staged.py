@@ -176,8 +176,8 @@ def test_crash_in_the_second_stage_resumes_there(fake_cifar, teacher_ckpt, tmp_p
     monkeypatch.setattr(engine.RunLog, "append_metrics", append)
     assistant_ckpt = (split / "assistant" / "last.pt").read_bytes()
     fitted = []
-    fit = engine.fit
-    monkeypatch.setattr(engine, "fit", lambda cfg, *a, **k: fitted.append((cfg.out, k["resume"])) or fit(cfg, *a, **k))
+    fit = engine.fit_steps
+    monkeypatch.setattr(engine, "fit_steps", lambda cfg, *a, **k: fitted.append((cfg.out, k["resume"])) or fit(cfg, *a, **k))
     capsys.readouterr()
     summary = train_cifar.run(CifarConfig(**keys, out=str(split)), resume=True)
     out = capsys.readouterr().out

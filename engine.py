@@ -815,6 +815,13 @@ def check_finite(sums: torch.Tensor, names: list[str], epoch: int, step: int) ->
 
 
 def check_resumable(saved: dict, now: dict) -> None:
+    """The config may change only in ``RESUME_MAY_CHANGE``; a path inside the run's own folder (a later
+    stage's teacher, made by an earlier stage) compares relative to it, since it moves with the folder."""
+    def local(cfg: dict) -> dict:
+        inside = str(cfg.get("out")).rstrip("/") + "/"
+        return {k: "<out>/" + v[len(inside):] if isinstance(v, str) and v.startswith(inside) else v
+                for k, v in cfg.items()}
+    saved, now = local(saved), local(now)
     changed = [k for k in saved if k not in RESUME_MAY_CHANGE and saved.get(k) != now.get(k)]
     if changed:
         diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed)

@@ -174,6 +174,7 @@ def test_crash_in_the_second_stage_resumes_there(fake_cifar, teacher_ckpt, tmp_p
     with pytest.raises(RuntimeError, match="power cut"):
         train_cifar.run(CifarConfig(**keys, out=str(split)))
     monkeypatch.setattr(engine.RunLog, "append_metrics", append)
+    split = split.rename(tmp_path / "moved")   # a moved run folder resumes too: its stages' paths move with it
     assistant_ckpt = (split / "assistant" / "last.pt").read_bytes()
     fitted = []
     fit = engine.fit_steps

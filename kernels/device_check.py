@@ -10,7 +10,9 @@ slow or hung step costs its own result and never the report:
 2. ``kernels/bench_kd.py --quick`` (the issue-3 small-shape targets);
 3. ``train_cifar.py --benchmark-steps`` for kd, pesf and dml (resnet56 -> resnet20, batch 64), eager and
    with the whole step in a CUDA graph (issue 5: pesf <= 3.5 ms, pesf/kd <= 1.10, dml/kd about 2.3);
-4. ``kernels/bench_kd.py`` on the large shapes, with the time that is left.
+4. ``train_cifar.py --benchmark-steps --seeds`` for pesf: aggregate images/s of 1, 2, 4 and 8 runs at once in
+   one process (issue 10: 8 runs >= 3x one graphed run);
+5. ``kernels/bench_kd.py`` on the large shapes, with the time that is left.
 On a CPU (``--device cpu``) the same steps run small: that is how CI checks this script.
 """
 from __future__ import annotations
@@ -120,6 +122,29 @@ def steps_table(rows: list[dict]) -> list[str]:
     return out
 
 
+def concurrency(args, budget: Budget, log: Path, cuda: bool) -> tuple[str, list[dict]]:
+    with tempfile.TemporaryDirectory() as tmp:
+        seeds = ",".join(map(str, range(8 if cuda else 2)))
+        status = run_logged([sys.executable, "train_cifar.py", "--method", "pesf", "--teacher", args.teacher,
+                             "--student", args.student, "--benchmark-steps", str(args.steps), "--device", args.device,
+                             "--out", tmp, "--seeds", seeds] + ([] if cuda else ["--concurrent", "2"]),
+                            150, budget, log)
+        path = Path(tmp) / "concurrent" / "benchmark_concurrent.json"
+        return status, json.loads(path.read_text()) if status == "ok" else []
+
+
+def concurrency_table(rows: list[dict]) -> list[str]:
+    out = ["| runs at once | aggregate images/s | vs. 1 run |", "|---|---|---|"]
+    out += [f"| {r['runs']} | {r['images_per_s']:.0f} | {r['speedup']:.2f}x |" for r in rows]
+    if rows:
+        best = max(rows, key=lambda r: r["images_per_s"])
+        hours = 18 * 240 * 50_000 / best["images_per_s"] / 3600
+        out += ["", f"target (issue 10): 8 runs >= 3x one run; measured {best['speedup']:.2f}x at {best['runs']} "
+                f"runs; Table 1's 18 student runs of one pair (6 rows x 3 seeds, 240 epochs) at that rate: "
+                f"{hours:.2f} GPU-hours of training steps (an estimate: no evaluation, no teacher)"]
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "device_check_out"))
@@ -157,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
                               + ([] if cuda else ["--shapes", "4x16,64x100", "--iters", "1"]), 150, budget, log, env)
     steps = step_times(args, budget, log, [False, True] if cuda else [False])
     (out / "steps.json").write_text(json.dumps(steps, indent=1))
+    concurrent_status, concurrent = concurrency(args, budget, log, cuda)
+    (out / "concurrent.json").write_text(json.dumps(concurrent, indent=1))
     full_status = run_logged(bench + ["--json", str(out / "bench_full.json")], 300, budget, log, env) \
         if cuda else "skipped (CPU)"
 
@@ -165,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
               f"    {test_line}", "",
               f"## Fused kernel, small shapes: {quick_status}", "", *bench_table(out / "bench_quick.json"), "",
               f"## Training step, {args.teacher} -> {args.student}, batch 64", "", *steps_table(steps), "",
+              f"## Concurrent pesf runs in one process, batch 64 each: {concurrent_status}", "",
+              *concurrency_table(concurrent), "",
               f"## Fused kernel, large shapes: {full_status}", "", *bench_table(out / "bench_full.json")]
     text = "\n".join(report) + "\n"
     (out / "report.md").write_text(text)

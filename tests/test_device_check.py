@@ -19,3 +19,5 @@ def test_device_check_runs_every_step_and_writes_the_report(tmp_path, capsys):
     assert [(r["method"], r["status"]) for r in steps] == [("kd", "ok"), ("pesf", "ok"), ("dml", "ok")]
     assert all(r["step_ms"] > 0 and r["cuda_graph"] is False for r in steps)
     assert "| pesf | False |" in report and "pesf/kd" in report
+    concurrent = json.loads((out / "concurrent.json").read_text())
+    assert [r["runs"] for r in concurrent] == [1, 2] and "Concurrent pesf runs in one process, batch 64 each: ok" in report

@@ -271,7 +271,9 @@ def test_readme_cifar_commands_run_in_order_at_a_reduced_size(fake_cifar, tmp_pa
             skipped.append(cfg.teacher_ckpt)
             continue
         extra = ["--benchmark-steps", "1", "--batch-size", "8"] if benchmark else reduced
+        extra += ["--concurrent", "2"] if benchmark and "--seeds" in argv else []   # 1 and 2 runs at once
         assert train_cifar.main(argv + extra) == 0, (argv, capsys.readouterr().err)
         ran += 1
-    # 15: the takd example and issue 10's four (short-protocol teacher and row, CPU-study teacher and row)
-    assert ran == 15 and skipped == ["runs/cifar/teachers/vgg13_s0/last.pt"]
+    # 16: the takd example and issue 10's five (short-protocol teacher, row and concurrency benchmark,
+    # CPU-study teacher and row)
+    assert ran == 16 and skipped == ["runs/cifar/teachers/vgg13_s0/last.pt"]

@@ -8,7 +8,6 @@ import argparse
 import contextlib
 import dataclasses
 import functools
-import hashlib
 import json
 import math
 import os
@@ -24,6 +23,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
+
+import checkpoints
 
 
 # ----------------------------------------------------------------------------------------------
@@ -266,123 +267,12 @@ def shutdown_distributed(synchronize: bool = True) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Randomness: seeding and exact save/restore for resume
+# Start of a run: seeding, and the checkpoint to continue from (the files themselves: checkpoints.py)
 # ----------------------------------------------------------------------------------------------
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def rng_state() -> dict:
-    """Every RNG state as tensors and plain values, so checkpoints load with ``weights_only=True``."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
-                                                     gauss), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    kind, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-# ----------------------------------------------------------------------------------------------
-# Checkpoints: written atomically, so a crash mid-write leaves the previous one intact
-# ----------------------------------------------------------------------------------------------
-class CheckpointError(ValueError):
-    pass
-
-
-def payload_digest(obj) -> str:
-    """SHA-256 of a checkpoint's content (tensor bytes, dtypes, shapes, keys and plain values), independent
-    of how torch.save lays it out, so that it can be checked after loading."""
-    digest = hashlib.sha256()
-
-    def walk(value) -> None:
-        if isinstance(value, torch.Tensor):
-            t = value.detach().cpu().contiguous().reshape(-1)
-            digest.update(f"T{t.dtype}{tuple(value.shape)}".encode())
-            digest.update(t.view(torch.uint8).numpy())
-        elif isinstance(value, dict):
-            digest.update(f"D{len(value)}".encode())
-            for key, item in value.items():
-                digest.update(repr(key).encode())
-                walk(item)
-        elif isinstance(value, (list, tuple)):
-            digest.update(f"L{len(value)}".encode())
-            for item in value:
-                walk(item)
-        else:
-            digest.update(repr(value).encode())
-
-    walk(obj)
-    return digest.hexdigest()
-
-
-def save_atomic(obj, path: str | Path) -> None:
-    """torch.save through a temporary file and a rename; a dict gets a ``checksum`` of its content."""
-    path = Path(path)
-    if isinstance(obj, dict):
-        obj = {**obj, "checksum": payload_digest(obj)}
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        torch.save(obj, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def load_file(path: str | Path, what: str) -> dict:
-    """A checkpoint dict, checked: a missing, unreadable, truncated or altered file (``checksum``
-    mismatch) or one that holds no dict is a one-line error naming the file."""
-    path = Path(path)
-    if path.is_dir():
-        raise CheckpointError(f"{what} {path} is a folder, not a checkpoint file")
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} not found: {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:   # zip, pickle and EOF errors of any kind: a damaged or foreign file
-        reason = str(err).strip().splitlines()[0][:120] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{what} {path} is not a readable PyTorch checkpoint (truncated, corrupt or "
-                              f"another format: {reason})") from None
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{what} {path} holds a {type(obj).__name__}, not a dict of tensors")
-    if "checksum" in obj:
-        saved = obj.pop("checksum")
-        if saved != payload_digest(obj):
-            raise CheckpointError(f"{what} {path} is corrupt: its content does not match its checksum")
-    return obj
-
-
-def remove_stale_temporaries(folder: str | Path) -> list[Path]:
-    """Delete ``.<name>.tmp<pid>`` files that a killed checkpoint write left (their process is gone)."""
-    removed = []
-    for tmp in Path(folder).glob(".*.tmp*"):
-        pid = tmp.name.rpartition(".tmp")[2]
-        if pid.isdigit() and int(pid) != os.getpid() and not _process_alive(int(pid)):
-            tmp.unlink(missing_ok=True)
-            removed.append(tmp)
-    return removed
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def open_run(resume: bool | str, log: "RunLog") -> Path | None:
@@ -392,7 +282,7 @@ def open_run(resume: bool | str, log: "RunLog") -> Path | None:
     global _current_run
     _current_run = log.out
     if log.enabled:
-        for tmp in remove_stale_temporaries(log.out):
+        for tmp in checkpoints.remove_stale_temporaries(log.out):
             log.print(f"removed {tmp}, left by an interrupted checkpoint write")
     if not resume:
         return None
@@ -740,7 +630,7 @@ class EvalOutputs:
         keep = keep[::stride]
         out = {k: v[keep].contiguous() for k, v in out.items()}
         out["rows_total"] = len(index)
-        save_atomic(out, path)
+        checkpoints.save_atomic(out, path)
 
 
 @torch.no_grad()
@@ -837,20 +727,6 @@ def format_epoch(m: dict) -> str:
     return " | ".join(parts)
 
 
-def load_resume_checkpoint(path: Path) -> dict:
-    """``load_file`` for resuming; when the checkpoint is damaged, the message says whether ``best.pt``
-    beside it is intact (and from which epoch), since that one can be copied over it."""
-    try:
-        return load_file(path, "checkpoint to resume from")
-    except CheckpointError as err:
-        best = path.with_name("best.pt")
-        try:
-            hint = f"; {best} is intact (epoch {load_file(best, 'best')['epoch']}): copy it over {path.name} " \
-                   f"to continue from there"
-        except (CheckpointError, FileNotFoundError, KeyError):
-            hint = ""
-        raise CheckpointError(f"{err}{hint}") from None
-
 
 def drain(steps: typing.Generator):
     """Run a generator of training steps (``fit_steps``, a script's ``run_steps``) to its end and return
@@ -892,7 +768,7 @@ def fit_steps(cfg, dist_info: Dist, distiller, optimizer: torch.optim.Optimizer,
     start_epoch, start_step, saved_sums, best, history = 0, 0, None, -math.inf, {}
     last_path, best_path = Path(cfg.out) / "last.pt", Path(cfg.out) / "best.pt"
     if resume is not None:
-        ckpt = load_resume_checkpoint(Path(resume))
+        ckpt = checkpoints.load_resume_checkpoint(Path(resume))
         check_resumable(ckpt["config"], config_dict(cfg))
         load_distiller_state(distiller, ckpt["distiller"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -903,7 +779,7 @@ def fit_steps(cfg, dist_info: Dist, distiller, optimizer: torch.optim.Optimizer,
             params = [p for g in optimizer.param_groups for p in g["params"]]
             for p, grad in zip(params, ckpt["accum"]["grads"]):
                 p.grad = None if grad is None else grad.to(p.device)
-        set_rng_state(ckpt["rng"])
+        checkpoints.set_rng_state(ckpt["rng"])
         log.truncate_metrics(start_epoch)
         log.print(f"resumed from {resume} at epoch {start_epoch}" + (f", step {start_step}" if start_step else ""))
     log.write_config(config_dict(cfg))
@@ -915,7 +791,8 @@ def fit_steps(cfg, dist_info: Dist, distiller, optimizer: torch.optim.Optimizer,
         """Everything to continue bit-identically; mid-epoch also the step and each rank's loss sums so far."""
         ckpt = {"model": unwrap(distiller.student).state_dict(), "distiller": distiller_state(distiller),
                 "optimizer": optimizer.state_dict(), "epoch": epochs_done, "best_top1": best,
-                "history": history, "rng": rng_state(), "config": config_dict(cfg), "top1": metrics.get("top1")}
+                "history": history, "rng": checkpoints.rng_state(), "config": config_dict(cfg),
+                "top1": metrics.get("top1")}
         if steps_done:
             ckpt.update(step=steps_done, loss_sums=sums.cpu())
         if step.grad_accum > 1:   # the accumulation's position and the gradients summed so far
@@ -960,7 +837,7 @@ def fit_steps(cfg, dist_info: Dist, distiller, optimizer: torch.optim.Optimizer,
                 average_buffers(distiller, dist_info)
                 rank_sums = gather_rows(sums)
                 if dist_info.main:
-                    save_atomic(checkpoint(epoch, i + 1, rank_sums), last_path)
+                    checkpoints.save_atomic(checkpoint(epoch, i + 1, rank_sums), last_path)
             yield   # between steps, other runs of this process may take theirs (multirun)
         if device.type == "cuda":
             torch.cuda.current_stream(device).synchronize()   # this run's stream: concurrent runs keep going
@@ -985,105 +862,15 @@ def fit_steps(cfg, dist_info: Dist, distiller, optimizer: torch.optim.Optimizer,
         best = max(best, metrics.get("top1", -math.inf))
         if dist_info.main:
             ckpt = checkpoint(epoch + 1)
-            save_atomic(ckpt, last_path)
+            checkpoints.save_atomic(ckpt, last_path)
             if is_best:
-                save_atomic(ckpt, best_path)
+                checkpoints.save_atomic(ckpt, best_path)
             if epoch + 1 in getattr(cfg, "anchor_epochs", ()):
-                save_anchor(ckpt["model"], epoch + 1, Path(cfg.out))
+                checkpoints.save_anchor(ckpt["model"], epoch + 1, Path(cfg.out))
     return {**{k: metrics.get(k) for k in SUMMARY_KEYS}, **{k: metrics[k] for k in TWO_CLASS_KEYS if k in metrics},
             "best_top1": best, "teacher_top1_initial": history.get("teacher_top1_initial"),
             "updated_params": updated_params, "train_time_s": history.get("train_time_s", 0.0)}
 
-
-# ----------------------------------------------------------------------------------------------
-# Teacher anchors (RCO): the model alone, at the epochs listed in ``anchor_epochs``
-# ----------------------------------------------------------------------------------------------
-def save_anchor(model_state: dict, epoch: int, out: Path) -> Path:
-    """``<out>/anchors/epoch_XXXX.pt``: ``{"model": state_dict, "epoch": epoch}``, no optimiser state."""
-    path = out / "anchors" / f"epoch_{epoch:04d}.pt"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_atomic({"model": model_state, "epoch": epoch}, path)
-    return path
-
-
-def load_anchors(folder: str | Path) -> list[dict]:
-    """The anchors a teacher run saved, in epoch order; a clear error when there are none."""
-    paths = sorted(Path(folder).glob("epoch_*.pt"))
-    if not paths:
-        raise FileNotFoundError(f"no teacher anchors (epoch_*.pt) in {folder}: train the teacher with "
-                                f"--set anchor_epochs=[...] (method ce) to keep its route")
-    return [load_file(p, "teacher anchor")["model"] for p in paths]
-
-
-# ----------------------------------------------------------------------------------------------
-# Multi-stage methods: a list of ordinary runs, each in its own folder, resumable inside any stage
-# ----------------------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class Stage:
-    """One run of a multi-stage method. ``name`` is its sub-folder of the run folder; the last stage runs
-    in the run folder itself. ``trains`` says which network the stage produces for later stages
-    (``student``: its student, ``teacher``: its trained teacher); ``teacher_from`` names the earlier stage
-    whose network teaches this one (None: the run's teacher); ``student`` picks the network the stage
-    trains (``student`` or ``assistant``)."""
-    name: str
-    method: str
-    trains: str = "student"
-    teacher_from: str | None = None
-    student: str = "student"
-
-
-STAGES_FILE = "stages.json"
-
-
-def run_stages(cfg, stages: list[Stage], stage_config, run_one, resume: bool, log: RunLog):
-    """Run ``stages`` in order, yielding after every training step; ``run_one(stage_cfg, resume)`` is a
-    generator of one stage's steps that returns its summary.
-
-    ``stage_config(cfg, stage, out, source)`` makes a stage's config, running into ``out``; ``source`` is
-    ``(run folder, Stage)`` of the stage named by ``teacher_from`` (None when there is none).
-    ``<out>/stages.json`` records finished stages: with ``resume`` they are skipped and the first
-    unfinished one continues from its own ``last.pt`` (or starts, when it has none). Returns
-    the last stage's summary with ``updated_params`` and ``train_time_s`` summed over the stages and
-    ``stages`` (per stage: run folder, updated params, train time, top-1).
-    """
-    if getattr(cfg, "benchmark_steps", 0):
-        raise ConfigError(f"--benchmark-steps times one run; {cfg.method} runs {len(stages)} stages: benchmark "
-                          f"their methods ({', '.join(s.method for s in stages)}) one by one")
-    out = Path(cfg.out)
-    record = out / STAGES_FILE
-    done: dict = json.loads(record.read_text()) if resume and record.is_file() else {}
-    folders = {s.name: str(out / s.name) for s in stages[:-1]}
-    folders[stages[-1].name] = str(out)
-    by_name = {s.name: s for s in stages}
-    summary: dict = {}
-    for i, stage in enumerate(stages):
-        if stage.name in done:
-            log.print(f"stage {i + 1}/{len(stages)} ({stage.name}): finished earlier, skipped")
-            summary = done[stage.name]["summary"]
-            continue
-        source = (folders[stage.teacher_from], by_name[stage.teacher_from]) if stage.teacher_from else None
-        stage_cfg = stage_config(cfg, stage, folders[stage.name], source)
-        stage_resume = resume and (Path(stage_cfg.out) / "last.pt").is_file()
-        log.print(f"stage {i + 1}/{len(stages)} ({stage.name}): {stage.method} into {stage_cfg.out}"
-                  + (" (resumed)" if stage_resume else ""))
-        summary = yield from run_one(stage_cfg, resume=stage_resume)
-        if dist.is_available() and dist.is_initialized():
-            dist.barrier()   # the next stage loads what rank 0 has just written
-        done[stage.name] = {"out": stage_cfg.out, "method": stage.method, "summary": summary}
-        if log.enabled:
-            out.mkdir(parents=True, exist_ok=True)
-            tmp = out / f".{STAGES_FILE}.tmp"
-            tmp.write_text(json.dumps(done, indent=2) + "\n")
-            os.replace(tmp, record)
-    per_stage = {name: {"out": d["out"], "method": d["method"], "updated_params": d["summary"]["updated_params"],
-                        "train_time_s": d["summary"]["train_time_s"], "top1": d["summary"]["top1"],
-                        "teacher_top1": d["summary"].get("teacher_top1")}
-                 for name, d in done.items()}
-    total = {**summary, "method": cfg.method, "teacher": cfg.teacher, "stages": per_stage,
-             "updated_params": sum(d["updated_params"] for d in per_stage.values()),
-             "train_time_s": sum(d["train_time_s"] for d in per_stage.values())}
-    log.write_summary(total)
-    return total
 
 
 WARM = "warm"   # what time_steps yields once its warm-up steps have finished on the device
@@ -1123,7 +910,8 @@ def time_steps(cfg, dist_info: Dist, distiller, optimizer: torch.optim.Optimizer
     sync()
     ms = 1000 * (time.perf_counter() - started) / cfg.benchmark_steps
     batch = cfg.batch_size
-    result = {"method": cfg.method, "batch_size": batch, "steps": cfg.benchmark_steps, "amp": str(amp_dtype), "cuda_graph": step.cuda_graph,
+    result = {"method": cfg.method, "batch_size": batch, "steps": cfg.benchmark_steps, "amp": str(amp_dtype),
+              "cuda_graph": step.cuda_graph,
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "world": dist_info.world, "step_ms": ms, "images_per_s": batch / ms * 1000,
               "updated_params": updated_params}

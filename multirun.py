@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+import checkpoints
 import engine
 
 GPU_CONCURRENCY = 8      # runs at once by default on a GPU (each holds its data set and models on the device)
@@ -44,7 +45,14 @@ class _Active:
 
 
 class RunFailed(RuntimeError):
-    pass
+    """Runs failed and at least one on an unexpected error (a bug): each printed its traceback."""
+
+
+class RunErrors(ValueError):
+    """Several runs failed on bad input or a diverged loss, each said why in one line (a one-line error)."""
+
+
+FINISHED = object()   # what Scheduler.advance returns for a run that has ended
 
 
 # Failures of a run's input or of its training (not of the code): one line each, as when run alone.
@@ -78,12 +86,12 @@ class Scheduler:
             self.active.append(_Active(index, job, job.start(), stream))
 
     def advance(self, run: _Active):
-        """One step of ``run``: what it yielded, or ``StopIteration`` when it has finished (its result kept)."""
+        """One step of ``run``: what it yielded, or ``FINISHED`` when it has ended (its result or error kept)."""
         if self.current is not run:
             if self.current is not None:
-                self.current.rng = engine.rng_state()
+                self.current.rng = checkpoints.rng_state()
             if run.rng is not None:
-                engine.set_rng_state(run.rng)
+                checkpoints.set_rng_state(run.rng)
             self.current = run
         stream = torch.cuda.stream(run.stream) if run.stream is not None else contextlib.nullcontext()
         try:
@@ -100,15 +108,16 @@ class Scheduler:
         if self.current is run:
             self.current = None
         self._fill()
-        return StopIteration
+        return FINISHED
 
-    def run(self, until: typing.Any = StopIteration) -> None:
-        """Advance the runs in turn until each has yielded ``until`` (then it waits) or finished."""
+    def run(self, until: typing.Any = FINISHED) -> None:
+        """Advance the runs in turn until each has yielded ``until`` (then it waits) or ended."""
         self._fill()
         waiting: list[_Active] = []
         while self.active and len(waiting) < len(self.active):
             for run in [r for r in self.active if r not in waiting]:
-                if self.advance(run) is until and until is not StopIteration:
+                yielded = self.advance(run)
+                if until is not FINISHED and yielded is until:
                     waiting.append(run)
 
     def finish(self) -> list:
@@ -116,10 +125,13 @@ class Scheduler:
         if self.failures:
             job, err = self.failures[0]
             names = ", ".join(j.name for j, _ in self.failures)
-            if len(self.failures) == 1 and isinstance(err, EXPECTED):
+            message = (f"{len(self.failures)} of {len(self.results) + len(self.failures)} runs failed ({names}); "
+                       f"the first: {type(err).__name__}: {err}")
+            if any(not isinstance(e, EXPECTED) for _, e in self.failures):
+                raise RunFailed(message) from err
+            if len(self.failures) == 1:
                 raise err   # one bad run: its own one-line error, as when run alone
-            raise RunFailed(f"{len(self.failures)} of {len(self.results) + len(self.failures)} runs failed "
-                            f"({names}); the first: {type(err).__name__}: {err}") from err
+            raise RunErrors(message)
         return [self.results[i] for i in sorted(self.results)]
 
 

@@ -24,9 +24,11 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+import checkpoints
 import engine
 import models
 import multirun
+import stages
 from distillers import STAGED_METHODS, DistillConfig, build_distiller, method_names, needs_teacher
 from distillers.feature import run_init_stage
 from distillers.nlp import FACTORIES as BERT_ONLY_TERMS
@@ -205,7 +207,7 @@ def build_models(cfg: CifarConfig, log: engine.RunLog) -> tuple[nn.Module, nn.Mo
     else:
         teacher = models.build_model(cfg.teacher, NUM_CLASSES)
     if cfg.teacher_ckpt:
-        models.load_checkpoint(teacher, engine.load_file(cfg.teacher_ckpt, "teacher checkpoint"))
+        models.load_checkpoint(teacher, checkpoints.load_file(cfg.teacher_ckpt, "teacher checkpoint"))
     elif cfg.benchmark_steps:
         log.print("note: no --teacher-ckpt; benchmarking with a randomly initialised teacher")
     else:
@@ -250,8 +252,8 @@ def run_folder(cfg: CifarConfig) -> str:
     return f"runs/cifar/{cfg.method}_{pair}_s{cfg.seed}"
 
 
-def stage_config(cfg: CifarConfig, stage: engine.Stage, out: str,
-                 source: tuple[str, engine.Stage] | None) -> CifarConfig:
+def stage_config(cfg: CifarConfig, stage: stages.Stage, out: str,
+                 source: tuple[str, stages.Stage] | None) -> CifarConfig:
     """One stage of a multi-stage method: its method and network, taught by ``source``'s product if any."""
     changes = dict(method=stage.method, out=out, student=cfg.assistant if stage.student == "assistant" else cfg.student)
     if source is not None:
@@ -276,8 +278,8 @@ def run_steps(cfg: CifarConfig, resume: bool | str = False):
     cfg, amp_dtype = resolve(cfg, dist)
     log = engine.RunLog(cfg.out, enabled=dist.main)
     if cfg.method in STAGED_METHODS:
-        stages = STAGED_METHODS[cfg.method]
-        return (yield from engine.run_stages(cfg, stages, stage_config, run_steps, resume, log))
+        method_stages = STAGED_METHODS[cfg.method]
+        return (yield from stages.run_stages(cfg, method_stages, stage_config, run_steps, resume, log))
     resume_from = None if cfg.benchmark_steps else engine.open_run(resume, log)
     engine.seed_everything(cfg.seed)
 
@@ -314,7 +316,7 @@ def run_steps(cfg: CifarConfig, resume: bool | str = False):
     summary = yield from engine.fit_steps(cfg, dist, distiller, optimizer, train, test, amp_dtype, log,
                                           resume=resume_from)
     if dist.main and teacher is not None and distiller.teacher_mode != "frozen":   # a trained teacher, for later runs
-        engine.save_atomic({"model": engine.unwrap(distiller.teacher).state_dict()}, Path(cfg.out) / "teacher.pt")
+        checkpoints.save_atomic({"model": engine.unwrap(distiller.teacher).state_dict()}, Path(cfg.out) / "teacher.pt")
     summary.update(method=cfg.method, teacher=cfg.teacher if teacher is not None else None, student=cfg.student,
                    epochs=cfg.epochs, seed=cfg.seed)
     log.write_summary(summary)

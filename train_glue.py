@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 import engine
+import stages
 from distillers import STAGED_METHODS, DistillConfig, build_distiller, needs_teacher
 from distillers.feature import run_init_stage
 from models.bert import BertForSequenceClassification, load_tokenizer, student_from_teacher
@@ -372,8 +373,8 @@ def default_out(cfg: GlueConfig) -> str:
     return f"runs/glue/{cfg.task}/{cfg.method}{variant}_{student}_s{cfg.seed}"
 
 
-def stage_config(cfg: GlueConfig, stage: engine.Stage, out: str,
-                 source: tuple[str, engine.Stage] | None) -> GlueConfig:
+def stage_config(cfg: GlueConfig, stage: stages.Stage, out: str,
+                 source: tuple[str, stages.Stage] | None) -> GlueConfig:
     """One stage of a multi-stage method. Every student copies the run teacher's layers (as in ``kd``);
     a stage taught by an earlier stage takes that stage's saved model folder as its teacher."""
     changes = dict(method=stage.method, out=out,
@@ -397,8 +398,8 @@ def run_steps(cfg: GlueConfig, resume: bool | str = False):
     cfg, amp_dtype = resolve(cfg, dist)
     log = engine.RunLog(cfg.out, enabled=dist.main)
     if cfg.method in STAGED_METHODS:
-        stages = STAGED_METHODS[cfg.method]
-        return (yield from engine.run_stages(cfg, stages, stage_config, run_steps, resume, log))
+        method_stages = STAGED_METHODS[cfg.method]
+        return (yield from stages.run_stages(cfg, method_stages, stage_config, run_steps, resume, log))
     resume_from = None if cfg.benchmark_steps else engine.open_run(resume, log)
     engine.seed_everything(cfg.seed)
     task = TASKS[cfg.task]

@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+import checkpoints
 import engine
 import models
 from distillers import DistillConfig, build_distiller, method_names, needs_teacher
@@ -203,7 +204,7 @@ def build_models(cfg: ImagenetConfig, num_classes: int, log: engine.RunLog) -> t
         if cfg.method.split("+")[0] == "pesf" else {}
     if cfg.teacher_ckpt:
         teacher = models.build_model(cfg.teacher, num_classes, **adapter)
-        models.load_checkpoint(teacher, engine.load_file(cfg.teacher_ckpt, "teacher checkpoint"))
+        models.load_checkpoint(teacher, checkpoints.load_file(cfg.teacher_ckpt, "teacher checkpoint"))
     elif cfg.teacher_weights:
         if num_classes != 1000:
             raise engine.ConfigError(f"teacher_weights {cfg.teacher_weights!r} are for 1000 classes, the data has "

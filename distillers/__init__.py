@@ -5,7 +5,7 @@ term alone, or ``kd+NAME`` / ``pesf+NAME`` (the term added to that method's loss
 runs as RepDistiller runs it, ``CE + beta * L_feat`` without KL (``FeatureDistiller``); ``pkd`` and
 ``tinybert`` mean ``kd+pkd`` and ``kd+tinybert``, since their papers' objectives include the KD term.
 ``rco`` and ``sftn_teacher`` are logit methods too; ``takd`` and ``sftn`` are multi-stage methods
-(``STAGED_METHODS``: a list of such runs, run in order by ``engine.run_stages``).
+(``STAGED_METHODS``: a list of such runs, run in order by ``stages.run_stages``).
 """
 from __future__ import annotations
 

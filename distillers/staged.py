@@ -1,7 +1,7 @@
 """Table 3's multi-stage baselines: TAKD, RCO and SFTN (SPEC sec. 2).
 
 TAKD (Mirzadeh et al., AAAI 2020) and SFTN (Park et al., NeurIPS 2021) are lists of ordinary runs
-(``STAGED_METHODS``, run in order by ``engine.run_stages``); RCO (Jin et al., ICCV 2019) is one run whose
+(``STAGED_METHODS``, run in order by ``stages.run_stages``); RCO (Jin et al., ICCV 2019) is one run whose
 teacher walks along checkpoints of its own training. The losses here are SFTN's first stage and RCO's
 anchor schedule; every other stage is plain KD.
 """
@@ -11,8 +11,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import checkpoints
 import engine
 import kd_core
+import stages
 from models.bert import BertForSequenceClassification
 from models.cifar import ResNet
 from .base import DistillConfig, Distiller
@@ -20,11 +22,11 @@ from .logit import KDDistiller
 
 # TAKD: teacher -> assistant -> student, vanilla KD at each step. SFTN: the teacher trained with student
 # branches, then vanilla KD from it into a fresh student.
-STAGED_METHODS: dict[str, list[engine.Stage]] = {
-    "takd": [engine.Stage("assistant", "kd", student="assistant"),
-             engine.Stage("student", "kd", teacher_from="assistant")],
-    "sftn": [engine.Stage("teacher", "sftn_teacher", trains="teacher"),
-             engine.Stage("student", "kd", teacher_from="teacher")],
+STAGED_METHODS: dict[str, list[stages.Stage]] = {
+    "takd": [stages.Stage("assistant", "kd", student="assistant"),
+             stages.Stage("student", "kd", teacher_from="assistant")],
+    "sftn": [stages.Stage("teacher", "sftn_teacher", trains="teacher"),
+             stages.Stage("student", "kd", teacher_from="teacher")],
 }
 
 
@@ -48,7 +50,7 @@ class RCODistiller(KDDistiller):
             raise ValueError("rco needs anchors_dir: the anchors/ folder of the teacher's ce run (trained with "
                              "--set anchor_epochs=[...])")
         converged = {k: v.detach().cpu().clone() for k, v in teacher.state_dict().items()}
-        self.route = [*engine.load_anchors(cfg.anchors_dir), converged]
+        self.route = [*checkpoints.load_anchors(cfg.anchors_dir), converged]
         self.anchor = len(self.route) - 1
 
     def begin_epoch(self, epoch: int, epochs: int) -> None:

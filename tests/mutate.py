@@ -189,7 +189,7 @@ MUTANTS = [
            "hidden = [(m, m * step) for m in range(1, student_layers + 1)]", NLP,
            "TinyBERT without the embedding-layer loss"),
     # engine.py: the training loop
-    Mutant("resume-no-rng", "engine.py", "        set_rng_state(ckpt[\"rng\"])\n", "", RESUME,
+    Mutant("resume-no-rng", "engine.py", "        checkpoints.set_rng_state(ckpt[\"rng\"])\n", "", RESUME,
            "--resume without restoring the RNG state (the issue's third example)"),
     Mutant("no-zero-grad", "engine.py",
            "            self.optimizer.zero_grad(set_to_none=True)\n            return self._step",
@@ -233,7 +233,7 @@ MUTANTS = [
            "T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.PILToTensor()])",
            "T.Compose([T.RandomResizedCrop(size), T.PILToTensor()])",
            ["tests/test_train_imagenet.py", LOOP], "ImageNet training without the horizontal flip"),
-    # distillers/staged.py and engine.run_stages: TAKD, RCO, SFTN (issue 12)
+    # distillers/staged.py and stages.run_stages: TAKD, RCO, SFTN (issue 12)
     Mutant("sftn-kl-direction", "distillers/staged.py", "kd_core.kl_div(b, t, tau)", "kd_core.kl_div(t, b, tau)",
            STAGED, "SFTN's branch KL with teacher and branch swapped"),
     Mutant("sftn-kl-weight", "distillers/staged.py", "w_branch_ce, w_branch_kl, branch_tau = 1.0, 3.0, 1.0",
@@ -245,10 +245,10 @@ MUTANTS = [
     Mutant("sftn-bert-cut", "distillers/staged.py", "(k * n // self.groups, k * m // self.groups)",
            "(k * n // self.groups, k * m // self.groups + 1)", STAGED, "SFTN's BERT branch enters the wrong student layer"),
     Mutant("takd-student-skips-assistant", "distillers/staged.py",
-           'engine.Stage("student", "kd", teacher_from="assistant")', 'engine.Stage("student", "kd")',
+           'stages.Stage("student", "kd", teacher_from="assistant")', 'stages.Stage("student", "kd")',
            [*STAGED, "tests/test_staged.py::test_takd_sftn_rco_on_real_cifar"],
            "TAKD's student learns from the teacher, not the assistant"),
-    Mutant("stages-never-skipped", "engine.py", "        if stage.name in done:\n", "        if False:\n",
+    Mutant("stages-never-skipped", "stages.py", "        if stage.name in done:\n", "        if False:\n",
            STAGED, "--resume redoes the stages already finished"),
 ]
 

@@ -14,7 +14,6 @@ import pytest
 import torch
 
 import engine
-import models
 import train_cifar
 import train_glue
 import train_imagenet

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+import checkpoints
 import engine
 from conftest import Pair, RowBatches
 
@@ -94,13 +95,13 @@ def test_evaluate_mcc_is_zero_when_one_class_is_never_predicted():
 
 def test_save_atomic_keeps_the_old_file_when_writing_fails(tmp_path):
     path = tmp_path / "last.pt"
-    engine.save_atomic({"epoch": 1}, path)
+    checkpoints.save_atomic({"epoch": 1}, path)
 
     class Unpicklable:
         def __reduce__(self):
             raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError, match="disk full"):
-        engine.save_atomic({"epoch": 2, "bad": Unpicklable()}, path)
+        checkpoints.save_atomic({"epoch": 2, "bad": Unpicklable()}, path)
     assert torch.load(path)["epoch"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]

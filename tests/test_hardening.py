@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
+import checkpoints
 import engine
 import train_cifar
 import train_glue
@@ -89,11 +90,11 @@ def test_a_saved_pesf_teacher_folder_loads_back_with_its_adapters_and_label_name
 def test_checksum_covers_tensor_bytes_values_and_keys():
     state = {"w": torch.arange(6.0).reshape(2, 3), "step": 3, "rng": (1, [2, 3])}
     same = {"w": torch.arange(6.0).reshape(2, 3), "step": 3, "rng": (1, [2, 3])}
-    assert engine.payload_digest(state) == engine.payload_digest(same)
+    assert checkpoints.payload_digest(state) == checkpoints.payload_digest(same)
     for changed in ({**state, "w": state["w"] + torch.tensor([[0, 0, 1e-3], [0, 0, 0]])}, {**state, "step": 4},
                     {**state, "w": state["w"].reshape(3, 2)}, {**state, "w": state["w"].double()},
                     {"W": state["w"], "step": 3, "rng": (1, [2, 3])}, {**state, "rng": (1, [2, 4])}):
-        assert engine.payload_digest(changed) != engine.payload_digest(state)
+        assert checkpoints.payload_digest(changed) != checkpoints.payload_digest(state)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -58,6 +58,9 @@ def test_a_failed_run_leaves_the_others_to_finish(capsys):
     with pytest.raises(multirun.RunFailed, match=r"2 of 3 runs failed \(b, c\)"):
         multirun.run_all(jobs, 3, torch.device("cpu"))
     assert "Traceback" in capsys.readouterr().err   # an unexpected error shows where it came from
+    with pytest.raises(multirun.RunErrors, match=r"2 of 2 runs failed \(b, b2\)"):   # bad input: one line each
+        multirun.run_all([multirun.Job("b", broken), multirun.Job("b2", broken)], 1, torch.device("cpu"))
+    assert "Traceback" not in capsys.readouterr().err
 
 
 def files(folder) -> dict:

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
+import checkpoints
 import engine
 import models
 import report
@@ -90,7 +90,7 @@ def test_rco_learns_from_each_anchor_then_the_converged_teacher(tmp_path):
     teacher = models.build_model("resnet8", 100).eval()
     anchors = [models.build_model("resnet8", 100).state_dict() for _ in range(2)]
     for epoch, state in zip((3, 6), anchors):
-        engine.save_anchor(state, epoch, tmp_path)
+        checkpoints.save_anchor(state, epoch, tmp_path)
     converged = {k: v.clone() for k, v in teacher.state_dict().items()}
     cfg = DistillConfig(alpha=0.9, tau=4.0, anchors_dir=str(tmp_path / "anchors"), backend="torch")
     distiller = build_distiller("rco", models.build_model("resnet8", 100), teacher, cfg)
@@ -267,7 +267,7 @@ def test_takd_sftn_rco_on_real_rte(shared_data, minilm_teacher, tmp_path):
     original_model = BertForSequenceClassification.from_pretrained(minilm_teacher)
     state = {k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v
              for k, v in original_model.state_dict().items()}
-    engine.save_anchor(state, 1, tmp_path / "teacher_run")
+    checkpoints.save_anchor(state, 1, tmp_path / "teacher_run")
     rco = train_glue.run(GlueConfig(**{**common, "epochs": 2}, method="rco", out=str(tmp_path / "rco"),
                                     anchors_dir=str(tmp_path / "teacher_run" / "anchors")))
     rows = [json.loads(r) for r in (tmp_path / "rco" / "metrics.jsonl").read_text().splitlines()]

@@ -12,6 +12,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+import checkpoints
 import engine
 from conftest import Pair, RowBatches
 import models
@@ -48,14 +49,14 @@ def straight_and_resumed(tmp_path, data, monkeypatch, **keys):
     """The last checkpoints of a 2-epoch run and of the same run interrupted after epoch 1, then resumed."""
     cfg = {**TINY, "data_dir": str(data), **keys}
     train_cifar.run(CifarConfig(**cfg, out=str(tmp_path / "straight")))
-    save = engine.save_atomic
+    save = checkpoints.save_atomic
 
     def save_then_stop(obj, path):
         save(obj, path)
         raise Interrupted
 
     with monkeypatch.context() as m:
-        m.setattr(engine, "save_atomic", save_then_stop)
+        m.setattr(checkpoints, "save_atomic", save_then_stop)
         with pytest.raises(Interrupted):
             train_cifar.run(CifarConfig(**cfg, out=str(tmp_path / "split")))
     assert torch.load(tmp_path / "split" / "last.pt", weights_only=False)["epoch"] == 1

@@ -65,6 +65,7 @@ STAGED = [f"tests/test_staged.py::{t}" for t in (
     "test_sftn_stage_trains_teacher_bridges_and_the_grafted_student_blocks_only",
     "test_bert_branches_start_as_the_student_layers_on_the_teachers_hidden_states",
     "test_crash_in_the_second_stage_resumes_there")]
+MULTIRUN = ["tests/test_multirun.py"]
 NLP = [f"{GLUE}::test_pkd_matches_an_independent_float64_formula",
        f"{GLUE}::test_tinybert_matches_an_independent_float64_formula",
        f"{GLUE}::test_tinybert_stage_moves_the_student_towards_the_frozen_teacher", SEM]
@@ -250,6 +251,17 @@ MUTANTS = [
            "TAKD's student learns from the teacher, not the assistant"),
     Mutant("stages-never-skipped", "stages.py", "        if stage.name in done:\n", "        if False:\n",
            STAGED, "--resume redoes the stages already finished"),
+    Mutant("stage-paths-absolute", "engine.py", 'v.startswith(inside)', 'v.startswith(inside + "never/")',
+           STAGED, "a moved multi-stage run folder cannot resume (its stages' paths compared as absolute)"),
+    # multirun.py: concurrent runs in one process (issue 10)
+    Mutant("multirun-rng-shared", "multirun.py", "                checkpoints.set_rng_state(run.rng)\n",
+           "                pass\n", MULTIRUN, "interleaved runs draw from one another's random state"),
+    Mutant("multirun-results-in-finish-order", "multirun.py", "return [self.results[i] for i in sorted(self.results)]",
+           "return list(self.results.values())", MULTIRUN, "summaries no longer in the order of the runs"),
+    Mutant("multirun-one-failure-stops-all", "multirun.py", "            self.failures.append((run.job, err))\n",
+           "            raise\n", MULTIRUN, "one failed run takes the others down with it"),
+    Mutant("multirun-slot-not-refilled", "multirun.py", "        self._fill()\n        return FINISHED\n",
+           "        return FINISHED\n", MULTIRUN, "a finished run's slot never goes to the next job"),
 ]
 
 

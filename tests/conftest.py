@@ -1,4 +1,5 @@
 """Shared test fixtures: the real data in ../shared/data (skipped with a reason when absent)."""
+import importlib.util
 import os
 import pickle
 import subprocess
@@ -11,6 +12,18 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+
+
+def load_script(relative_path: str):
+    """Import a script of the repository (``kernels/bench_kd.py``) by its path. ``kernels/`` is no package
+    (no ``__init__.py``), so that it never shadows the installed ``kernels`` package transformers imports."""
+    path = ROOT / relative_path
+    spec = importlib.util.spec_from_file_location(f"_script_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
 
 SHARED_DATA = Path(os.environ.get("PESF_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
@@ -60,7 +73,7 @@ def torchrun(args: list[str], nproc: int = 2, cwd: Path = ROOT) -> subprocess.Co
     """Run ``torchrun --standalone`` (it picks a free port itself) on CPU; on failure show the ranks' stderr."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                           *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+                           *args], cwd=cwd, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, f"torchrun exited {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}" \
                                  f"\n--- stderr\n{proc.stderr[-6000:]}"
     return proc

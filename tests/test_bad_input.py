@@ -61,9 +61,9 @@ def cifar_main(capsys, *argv: str) -> tuple[int, str]:
 # ----------------------------------------------------------------------------------------------
 # Checkpoints (as subprocesses: the real entry point)
 # ----------------------------------------------------------------------------------------------
-def script(*argv: str, timeout: int = 120) -> subprocess.CompletedProcess:
+def script(*argv: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, *argv], cwd=ROOT, env=env, capture_output=True, text=True)
 
 
 @pytest.mark.parametrize("damage", ["truncated", "empty"])

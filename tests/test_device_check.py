@@ -1,14 +1,18 @@
 """kernels/device_check.py, the one-call GPU script, run small on CPU so that a GPU session never
 spends its minutes on a broken script."""
 import json
+import math
+from pathlib import Path
 
-from kernels import device_check
+from conftest import load_script
+
+device_check = load_script("kernels/device_check.py")
 
 
 def test_device_check_runs_every_step_and_writes_the_report(tmp_path, capsys):
     out = tmp_path / "out"
     rc = device_check.main(["--device", "cpu", "--out", str(out), "--teacher", "resnet8", "--student", "resnet8",
-                            "--steps", "2", "--test-filter", "swap_correction", "--budget", "400"])
+                            "--steps", "2", "--test-filter", "swap_correction", "--budget", "inf"])
     report = capsys.readouterr().out
     assert rc == 0, (out / "device_check.log").read_text()[-3000:]
     assert "Triton interpreter: ok" in report and "1 passed" in report
@@ -21,3 +25,29 @@ def test_device_check_runs_every_step_and_writes_the_report(tmp_path, capsys):
     assert "| pesf | False |" in report and "pesf/kd" in report
     concurrent = json.loads((out / "concurrent.json").read_text())
     assert [r["runs"] for r in concurrent] == [1, 2] and "Concurrent pesf runs in one process, batch 64 each: ok" in report
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_budget_cuts_steps_to_what_is_left_and_skips_when_too_little_remains():
+    clock = FakeClock()
+    budget = device_check.Budget(540, clock=clock)
+    assert budget.step_limit(120) == 120                 # plenty left: the step's own cap
+    clock.now += 440                                     # 100 s left, 10 s kept for the report
+    assert budget.step_limit(120) == 90
+    clock.now += 76                                      # 24 s left: 14 s < 15 s
+    assert budget.step_limit(120) is None
+    assert device_check.run_logged(["false"], 120, budget, Path("/nonexistent/log")) == "skipped"
+
+
+def test_an_unlimited_budget_never_cuts_a_step():
+    clock = FakeClock()
+    budget = device_check.Budget(math.inf, clock=clock)
+    clock.now += 1e9
+    assert budget.step_limit(120) == math.inf

@@ -252,7 +252,9 @@ class BertForSequenceClassification(Adaptable):
                   "pesf_adapter": self.adapter_config}
         (folder / "config.json").write_text(json.dumps(config, indent=2))
         weights = folder / "model.safetensors"
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, str(weights))
+        # metadata format=pt, as Hugging Face writes it: transformers < 4.45 refuses a file without it
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, str(weights),
+                  metadata={"format": "pt"})
         umask = os.umask(0)   # safetensors writes 0600; give it the mode of the files written beside it
         os.umask(umask)
         weights.chmod(0o666 & ~umask)

@@ -96,6 +96,9 @@ def test_save_pretrained_loads_in_transformers_and_back(transformers, tmp_path):
     torch.manual_seed(0)
     model = BertForSequenceClassification(TINY, num_classes=3).eval()
     model.save_pretrained(tmp_path / "plain")
+    from safetensors import safe_open
+    with safe_open(tmp_path / "plain" / "model.safetensors", framework="pt") as f:
+        assert f.metadata() == {"format": "pt"}   # transformers < 4.45 refuses the file without it
     ref = transformers.BertForSequenceClassification.from_pretrained(tmp_path / "plain").eval()
     batch = _batch()
     with torch.no_grad():

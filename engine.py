@@ -871,8 +871,15 @@ def fit_steps(cfg, dist_info: Dist, distiller, optimizer: torch.optim.Optimizer,
     eval_every, cuda_graph, out and (optionally) save_every. Writes config.yaml, metrics.jsonl, last.pt
     and best.pt (atomically, at the end of every epoch, and last.pt also every ``save_every`` steps
     inside an epoch) and, after the last epoch, outputs.pt (``EvalOutputs``); ``resume`` is the
-    checkpoint to continue from (``open_run``).
+    checkpoint to continue from (``open_run``). A stop signal while it runs (SIGTERM, SIGUSR1) saves a
+    checkpoint after the current step and raises ``runfolder.Preempted``.
     """
+    with runfolder.graceful_stop():
+        return (yield from _train_epochs(cfg, dist_info, distiller, optimizer, train, test, amp_dtype, log, resume))
+
+
+def _train_epochs(cfg, dist_info: Dist, distiller, optimizer: torch.optim.Optimizer, train, test,
+                  amp_dtype: torch.dtype | None, log: RunLog, resume: Path | None):
     device = dist_info.device
     updated_params = distiller.updated_params()
     if dist_info.world > 1:

@@ -134,7 +134,7 @@ class Scheduler:
             signum = runfolder.stop_requested()
             total = len(self.results) + len(self.failures) + len(self.stopped) + len(self.pending)
             raise runfolder.Preempted(f"{signal.Signals(signum).name}: {len(self.results)} of {total} runs finished, "
-                                      f"{len(self.stopped)} saved a checkpoint, {len(self.pending)} not started"
+                                      f"{len(self.stopped)} stopped, {len(self.pending)} not started"
                                       + (f", {len(self.failures)} failed" if self.failures else ""), signum)
         if self.failures:
             job, err = self.failures[0]

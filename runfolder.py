@@ -6,8 +6,10 @@ to continue.
   for the whole run (rank 0 under torchrun). The OS releases the lock when the process dies, so a
   crashed run never leaves a stale lock; a second process is refused with the holder's pid and host.
 - ``preemption_handlers()``: SIGTERM and SIGUSR1 (what SLURM and Kubernetes send before killing a job)
-  only set a flag; the training loop asks ``stop_agreed`` after each step, saves a checkpoint and raises
-  ``Preempted``, which the command line turns into one line with the resume command.
+  only set a flag while a training loop runs (``graceful_stop``); the loop asks ``stop_agreed`` after each
+  step, saves a checkpoint and raises ``Preempted``, which the command line turns into one line with the
+  resume command. Outside a training loop (data loading, writing results) the run stops at once, with
+  the same line.
 
 Independent of the training loop (``engine``), which calls it.
 """
@@ -166,13 +168,31 @@ def broadcast_object(obj, src: int = 0):
 # Preemption
 # ----------------------------------------------------------------------------------------------
 _stop_signal: int | None = None
+_training_loops = 0   # training loops of this process inside graceful_stop(): a signal waits for their next step
 
 
-def request_stop(signum: int, frame=None) -> None:
-    """The signal handler (and the seam tests drive): remember the first stop signal."""
+def request_stop(signum: int) -> None:
+    """Remember the first stop signal (what the handler does inside a training loop; the seam tests drive)."""
     global _stop_signal
     if _stop_signal is None:
         _stop_signal = signum
+
+
+def _on_signal(signum: int, frame) -> None:
+    request_stop(signum)
+    if not _training_loops:   # loading data, an initialisation stage, writing results: nothing to save yet
+        raise Preempted(f"{signal.Signals(signum).name} outside the training loop: no new checkpoint", signum)
+
+
+@contextlib.contextmanager
+def graceful_stop():
+    """Inside the block (a training loop), a stop signal only sets the flag that ``stop_agreed`` reads."""
+    global _training_loops
+    _training_loops += 1
+    try:
+        yield
+    finally:
+        _training_loops -= 1
 
 
 def stop_requested() -> int | None:
@@ -187,7 +207,7 @@ def preemption_handlers():
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {s: signal.signal(s, request_stop) for s in STOP_SIGNALS}
+    previous = {s: signal.signal(s, _on_signal) for s in STOP_SIGNALS}
     try:
         yield
     finally:

@@ -313,10 +313,11 @@ def test_glue_invalid_utf8_names_file_and_line(bert_folder, rte_dir, tmp_path, c
 # ----------------------------------------------------------------------------------------------
 def test_glue_imagenet_and_report_never_overwrite_a_run_folder(run_copy, bert_folder, tmp_path, capsys):
     before = folder_digest(run_copy)
-    rc, err = glue_main(capsys, "--method", "ce", "--student", str(bert_folder), "--out", str(run_copy))
+    rc, err = glue_main(capsys, "--method", "ce", "--student", str(bert_folder), "--max-length", "16", "--out",
+                        str(run_copy))
     one_line_error(rc, err, f"{run_copy} already holds a run", "add --resume")
-    rc, err = glue_main(capsys, "--method", "ce", "--student", str(bert_folder), "--out", str(run_copy), "--resume",
-                        "--set", "alpha=2")
+    rc, err = glue_main(capsys, "--method", "ce", "--student", str(bert_folder), "--max-length", "16", "--out",
+                        str(run_copy), "--resume", "--set", "alpha=2")
     one_line_error(rc, err, "alpha must lie in [0, 1]")
     capsys.readouterr()
     rc = train_imagenet.main(["--method", "ce", "--out", str(run_copy), "--data-dir", str(tmp_path / "none")])

@@ -204,7 +204,8 @@ _current_run: Path | None = None
 
 
 # Write failures that are the disk's or the folder's, not the code's: one line, not a traceback.
-DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG)
+DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.ENOTDIR,
+               errno.EEXIST)
 
 
 def cli(body) -> int:

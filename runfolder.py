@@ -129,11 +129,11 @@ def claim(out: str | Path, resume: bool | str = False, overwrite: bool = False, 
                 folder.mkdir(parents=True, exist_ok=True)
                 _held[folder] = [_lock(folder), 1]
                 try:
-                    check_fresh(folder, resume, overwrite)   # a run that finished while this one waited to start
+                    check_fresh(folder, resume, overwrite)   # results a run finished between the check and the lock
                 except FolderHasResults:
                     _release(folder)
                     raise
-        except (FolderBusy, FolderHasResults) as err:
+        except (FolderBusy, FolderHasResults, OSError) as err:   # raised on every rank, not on rank 0 alone
             error = err
     error = broadcast_object(error)
     if error is not None:

@@ -330,3 +330,15 @@ def test_a_torn_last_metrics_line_is_dropped_on_resume_and_a_broken_one_named(fa
     rc, _, err = cifar_main(capsys, *argv, "--epochs", "3", "--resume")
     assert rc == 2 and f"{out / 'metrics.jsonl'}, line 1: not a metrics record" in one_line(err)
     assert folder_digest(out) == before
+
+
+def test_a_restart_under_resume_drops_the_rows_of_an_unsaved_epoch(fake_cifar, tmp_path, capsys):
+    """A crash between an epoch's metrics row and its checkpoint: --resume starts afresh, without that row."""
+    out = tmp_path / "run"
+    argv = [*TINY, "--epochs", "1", "--limit-batches", "1", "--data-dir", str(fake_cifar), "--out", str(out)]
+    assert cifar_main(capsys, *argv)[0] == 0
+    for name in ("last.pt", "best.pt", "summary.json", "outputs.pt"):
+        (out / name).unlink()
+    rc, printed, err = cifar_main(capsys, *argv, "--resume")
+    assert rc == 0 and "has no checkpoint yet: starting afresh" in printed, err
+    assert [m["epoch"] for m in metrics(out)] == [1]

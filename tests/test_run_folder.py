@@ -56,14 +56,14 @@ def metrics(folder: Path) -> list[dict]:
             for line in (folder / "metrics.jsonl").read_text().splitlines()]
 
 
-def assert_same_run(a: Path, b: Path) -> None:
-    """The same models, optimiser state, RNG state and metrics (wall-clock values aside)."""
+def assert_same_run(a: Path, b: Path, rng: bool = True) -> None:
+    """The same models, RNG state (with ``rng``) and metrics (wall-clock values aside)."""
     ca, cb = (torch.load(p / "last.pt", weights_only=True) for p in (a, b))
     assert (ca["epoch"], ca.get("step")) == (cb["epoch"], cb.get("step"))
     for part, state in ca["distiller"].items():
         for key, value in state.items():
             assert torch.equal(value, cb["distiller"][part][key]), (part, key)
-    assert torch.equal(ca["rng"]["torch"], cb["rng"]["torch"])
+    assert not rng or torch.equal(ca["rng"]["torch"], cb["rng"]["torch"])
     assert metrics(a) == metrics(b) and len(metrics(a)) == ca["epoch"]
 
 
@@ -203,6 +203,8 @@ def test_sigusr1_in_one_process_saves_mid_epoch_and_resumes_bit_identically(fake
     assert rc == 128 + signal.SIGUSR1 and one_line(err).startswith(
         f"stopped: SIGUSR1 in epoch 2 after step 2 of 4: saved {out / 'last.pt'}; continue with: ")
     assert runfolder.stop_requested() is None   # the handlers and the flag are the process's again
+    saved = torch.load(out / "last.pt", weights_only=True)
+    assert (saved["epoch"], saved["step"]) == (1, 2)   # the step it stopped after, not the epoch before
     assert cifar_main(capsys, *argv, "--out", str(out), "--resume")[0] == 0
     assert_same_run(tmp_path / "straight", out)
 
@@ -220,6 +222,9 @@ def test_sigterm_stops_every_concurrent_run_and_each_resumes_bit_identically(fak
     assert lines[0].startswith("[run_s0] stopped: SIGTERM in epoch 1 after step 2") and \
         lines[1].startswith("[run_s1] stopped: SIGTERM in epoch 1 after step 2") and \
         lines[2].startswith("stopped: SIGTERM: 0 of 2 runs finished, 2 stopped, 0 not started") and len(lines) == 3
+    for seed in (0, 1):
+        saved = torch.load(tmp_path / f"run_s{seed}" / "last.pt", weights_only=True)
+        assert (saved["epoch"], saved["step"]) == (0, 2)
     assert cifar_main(capsys, *argv, "--out", str(tmp_path / "run"), "--resume")[0] == 0
     for seed in (0, 1):
         assert_same_run(tmp_path / f"straight_s{seed}", tmp_path / f"run_s{seed}")
@@ -242,6 +247,34 @@ def wait_for_rank0(job: subprocess.Popen, logs: Path, text: str) -> dict[int, in
         pids = worker_pids(job.pid)
         time.sleep(0.2)
     return pids
+
+
+def test_imagenet_sigterm_saves_mid_epoch_and_resumes_bit_identically(tmp_path, monkeypatch, capsys):
+    """The same loop in train_imagenet.py (workers' sampler resumed at the saved batch)."""
+    import numpy as np
+    from PIL import Image
+    import train_imagenet
+    rng = np.random.default_rng(0)
+    for split, per_class in (("train", 4), ("val", 1)):
+        for c in ("a", "b", "c"):
+            (tmp_path / "data" / split / c).mkdir(parents=True)
+            for i in range(per_class):
+                Image.fromarray(rng.integers(0, 256, (36, 40, 3), dtype=np.uint8)).save(
+                    tmp_path / "data" / split / c / f"{i}.png")
+    argv = ["--method", "ce", "--student", "resnet18", "--set", "teacher_weights=null", "--epochs", "2", "--batch-size",
+            "4", "--set", "eval_batch_size=3", "--set", "image_size=16", "--workers", "0", "--set", "log_every=1",
+            "--data-dir", str(tmp_path / "data")]   # 3 steps per epoch
+    assert train_imagenet.main([*argv, "--out", str(tmp_path / "straight")]) == 0
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        stop_at(m, 5, signal.SIGTERM)
+        capsys.readouterr()
+        assert train_imagenet.main([*argv, "--out", str(out)]) == 143
+    assert one_line(capsys.readouterr().err).startswith(f"stopped: SIGTERM in epoch 2 after step 2 of 3: saved {out}")
+    saved = torch.load(out / "last.pt", weights_only=True)
+    assert (saved["epoch"], saved["step"]) == (1, 2)
+    assert train_imagenet.main([*argv, "--out", str(out), "--resume"]) == 0
+    assert_same_run(tmp_path / "straight", out, rng=False)   # DataLoader draws its base seeds per iterator
 
 
 def test_torchrun_sigterm_all_ranks_stop_at_one_step_without_a_traceback(fake_cifar, tmp_path):

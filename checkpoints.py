@@ -70,10 +70,16 @@ def save_atomic(obj, path: str | Path) -> None:
         obj = {**obj, "checksum": payload_digest(obj)}
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        torch.save(obj, tmp)
-        with open(tmp, "rb") as f:
+        # Through a Python file, so that a full disk is an OSError naming its cause (torch's own writer
+        # reports it as an unexplained RuntimeError).
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        err.filename = str(path)   # the checkpoint, not its temporary
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -122,11 +128,15 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
+# What a run's last.pt holds (a teacher.pt, outputs.pt or another code version's checkpoint lacks some).
+RESUME_KEYS = ("model", "distiller", "optimizer", "epoch", "best_top1", "history", "rng", "config")
+
+
 def load_resume_checkpoint(path: Path) -> dict:
     """``load_file`` for resuming; when the checkpoint is damaged, the message says whether ``best.pt``
     beside it is intact (and from which epoch), since that one can be copied over it."""
     try:
-        return load_file(path, "checkpoint to resume from")
+        ckpt = load_file(path, "checkpoint to resume from")
     except CheckpointError as err:
         best = path.with_name("best.pt")
         try:
@@ -135,6 +145,11 @@ def load_resume_checkpoint(path: Path) -> dict:
         except (CheckpointError, FileNotFoundError, KeyError):
             hint = ""
         raise CheckpointError(f"{err}{hint}") from None
+    missing = [key for key in RESUME_KEYS if key not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path} is not a run checkpoint this version can continue (no {', '.join(missing)}): "
+                              f"--resume takes a run's last.pt or its folder")
+    return ckpt
 
 
 # Teacher anchors (RCO): the model alone, at the epochs listed in ``anchor_epochs``

@@ -7,11 +7,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import errno
 import functools
 import json
 import math
 import os
 import random
+import signal
 import sys
 import time
 import types
@@ -25,6 +27,7 @@ import torch.distributed as dist
 import yaml
 
 import checkpoints
+import runfolder
 
 
 # ----------------------------------------------------------------------------------------------
@@ -84,6 +87,8 @@ def build_config(cls, path: str | None = None, sets: list[str] | None = None, ov
             loaded = yaml.safe_load(Path(path).read_text()) or {}
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {path}") from None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path} is not valid YAML ({_yaml_problem(err)})") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path} must hold a mapping of key: value, got {type(loaded).__name__}")
         values.update(loaded)
@@ -91,13 +96,65 @@ def build_config(cls, path: str | None = None, sets: list[str] | None = None, ov
         key, sep, raw = item.partition("=")
         if not sep:
             raise ConfigError(f"--set expects key=value, got {item!r}")
-        values[key.strip()] = yaml.safe_load(raw)
+        try:
+            values[key.strip()] = yaml.safe_load(raw)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--set {item}: not a YAML value ({_yaml_problem(err)})") from None
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     values.pop("git_commit", None)   # provenance in a run folder's config.yaml, so that it loads back as a config
     unknown = sorted(set(values) - set(hints))
     if unknown:
         raise ConfigError(f"unknown config key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(hints))}")
-    return cls(**{k: _coerce(k, v, hints[k]) for k, v in values.items()})
+    cfg = cls(**{k: _coerce(k, v, hints[k]) for k, v in values.items()})
+    check_values(cfg)
+    return cfg
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    mark = getattr(err, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return where + str(getattr(err, "problem", None) or err).strip().splitlines()[0]
+
+
+# Ranges of the config keys the scripts share (a key a script lacks is skipped), checked before anything
+# is written, so that a rejected value leaves a run folder as it was.
+AT_LEAST_ONE = ("epochs", "batch_size", "eval_batch_size", "log_every", "eval_every", "grad_accum", "bottleneck",
+                "image_size")
+NOT_NEGATIVE = {"save_every": "a number of steps (0: only at epoch ends)", "limit_batches": "a number of batches "
+                "(0: all)", "train_subset": "a number of training rows (0: all)", "eval_subset": "a number of "
+                "dev rows (0: all)", "benchmark_steps": "a number of steps (0: train)", "workers": "a number of "
+                "processes", "warmup_epochs": "a number of epochs", "lr": "a learning rate", "teacher_lr":
+                "a learning rate", "adapter_lr": "a learning rate", "weight_decay": "a weight", "w_tce": "a loss "
+                "weight", "w_tkl": "a loss weight", "feat_weight": "a loss weight"}
+UNIT_INTERVAL = {"alpha": "the KL weight; the student's CE weight is 1 - alpha", "momentum": "SGD momentum"}
+POSITIVE = {"tau": "a temperature", "lr_decay": "the lr factor at each milestone"}
+CHOICES = {"lr_schedule": ("step", "cosine", "linear"), "amp": ("auto", "bf16", "none"),
+           "backend": ("auto", "torch", "triton"), "teacher_bn": ("eval", "train"),
+           "student_target": ("adapted", "unadapted"), "teacher_kl": ("paper", "official"),
+           "crd_negatives": ("other_class", "uniform")}
+
+
+def check_values(cfg) -> None:
+    """Every range and name ``cfg`` must satisfy (a one-line ConfigError naming the key and the value)."""
+    values = config_dict(cfg)
+
+    def given(key: str) -> bool:
+        return values.get(key) is not None
+    for key in AT_LEAST_ONE:
+        if given(key) and values[key] < 1:
+            raise ConfigError(f"{key} must be at least 1, got {values[key]}")
+    for key, what in NOT_NEGATIVE.items():
+        if given(key) and values[key] < 0:
+            raise ConfigError(f"{key} must be {what} >= 0, got {values[key]}")
+    for key, what in UNIT_INTERVAL.items():
+        if given(key) and not 0 <= values[key] <= 1:
+            raise ConfigError(f"{key} must lie in [0, 1] ({what}), got {values[key]}")
+    for key, what in POSITIVE.items():
+        if given(key) and not values[key] > 0:
+            raise ConfigError(f"{key} must be {what} > 0, got {values[key]}")
+    for key, names in CHOICES.items():
+        if given(key) and values[key] not in names:
+            raise ConfigError(f"{key} must be {', '.join(names[:-1])} or {names[-1]}, got {values[key]!r}")
 
 
 def config_dict(cfg) -> dict:
@@ -105,7 +162,7 @@ def config_dict(cfg) -> dict:
 
 
 # Flags that are not config keys; every other flag is a config override.
-_RUN_FLAGS = ("config", "set", "resume")
+_RUN_FLAGS = ("config", "set", "resume", "overwrite")
 
 
 def arg_parser(doc: str, configs: str, flags: list[tuple[str, type, str]]) -> argparse.ArgumentParser:
@@ -122,6 +179,9 @@ def arg_parser(doc: str, configs: str, flags: list[tuple[str, type, str]]) -> ar
     p.add_argument("--resume", nargs="?", const=True, default=False, metavar="PATH",
                    help="continue from <out>/last.pt, or from PATH (a checkpoint or a run folder, which "
                         "then becomes the output folder); a run without a checkpoint yet starts afresh")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete the results of an earlier run in the output folder and start afresh (without it, "
+                        "a folder with results is refused unless --resume continues it)")
     return p
 
 
@@ -136,27 +196,46 @@ def parse_config(cls, parser: argparse.ArgumentParser, argv=None, actions: tuple
     if isinstance(args.resume, str) and "out" not in args.overrides:
         folder = Path(args.resume) if Path(args.resume).is_dir() else Path(args.resume).parent
         args.overrides["out"] = str(folder)
-    cfg = build_config(cls, args.config, args.set, args.overrides)
-    if getattr(cfg, "epochs", 1) < 1:
-        raise ConfigError(f"epochs must be at least 1, got {cfg.epochs}")
-    if getattr(cfg, "save_every", 0) < 0:
-        raise ConfigError(f"save_every must be a number of steps (0: only at epoch ends), got {cfg.save_every}")
-    return cfg, args
+    return build_config(cls, args.config, args.set, args.overrides), args
 
 
 # The run folder of the run in progress, named when the run is interrupted (Ctrl-C).
 _current_run: Path | None = None
 
 
+# Write failures that are the disk's or the folder's, not the code's: one line, not a traceback.
+DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.ENOTDIR,
+               errno.EEXIST)
+
+
 def cli(body) -> int:
     """Run ``body()``; bad input of any kind is one line on stderr and exit status 2, never a traceback.
-    Ctrl-C is one line naming the last checkpoint and how to continue (exit status 130)."""
+    Ctrl-C is one line naming the last checkpoint and how to continue (exit status 130); SIGTERM or SIGUSR1
+    (preemption) one line with the command that continues from the checkpoint saved on it (128 + signal)."""
     finished = False
     try:
-        body()
+        with runfolder.preemption_handlers():
+            body()
         finished = True
+    except runfolder.Preempted as err:
+        finished = True   # every rank stopped at the same step: they close the process group together
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(f"stopped: {err}; continue with: {runfolder.resume_command()}", file=sys.stderr)
+        return 128 + err.signum
     except (ValueError, FileNotFoundError, IsADirectoryError, NonFiniteLoss, FloatingPointError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        if err.errno not in DISK_ERRORS:
+            raise
+        print(f"error: {runfolder.write_failure(err, _current_run)}", file=sys.stderr)
+        return 2
+    except RuntimeError as err:
+        if not peer_failure(err):
+            raise
+        reason = str(err).strip().splitlines()[0]
+        print(f"error: another process of this torchrun job stopped ({reason[:160]}); "
+              f"{_resume_hint(_current_run)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"\ninterrupted: {_resume_hint(_current_run)}", file=sys.stderr)
@@ -166,12 +245,29 @@ def cli(body) -> int:
     return 0
 
 
+def peer_failure(err: BaseException) -> bool:
+    """A collective that failed because another rank died (its node lost, killed): the run, not the code."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return False
+    text = str(err)
+    return isinstance(err, dist.DistError) or any(
+        sign in text for sign in ("Connection reset by peer", "Connection closed by peer", "gloo/transport",
+                                  "NCCL communicator was aborted", "ProcessGroupNCCL"))
+
+
 def _resume_hint(out: Path | None) -> str:
     if out is None:
         return "no run had started"
     if (out / "last.pt").is_file():
         return f"the last checkpoint is {out / 'last.pt'}; the same command plus --resume continues from it"
     return f"no checkpoint in {out} yet; the same command plus --resume starts afresh"
+
+
+def _checkpoint_state(out: Path) -> str:
+    """What a failed run leaves to continue from, for its one-line error."""
+    if (out / "last.pt").is_file():
+        return f"the last checkpoint {out / 'last.pt'} is left intact"
+    return "no checkpoint was written yet (the run starts afresh under --resume)"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -235,14 +331,6 @@ def gather_rows(t: torch.Tensor) -> torch.Tensor:
     return t[None]
 
 
-def broadcast_object(obj, src: int = 0):
-    if dist.is_available() and dist.is_initialized():
-        holder = [obj]
-        dist.broadcast_object_list(holder, src=src)
-        return holder[0]
-    return obj
-
-
 def unwrap(module: torch.nn.Module) -> torch.nn.Module:
     return module.module if isinstance(module, torch.nn.parallel.DistributedDataParallel) else module
 
@@ -275,6 +363,17 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def claim_run_folder(cfg, resume: bool | str, overwrite: bool, dist_info: Dist):
+    """The run folder, held for the run (``runfolder.claim``: refused when another process writes it, or
+    when it holds results and the run neither resumes nor overwrites); a benchmark writes only
+    ``benchmark.json`` and claims nothing."""
+    global _current_run
+    if cfg.benchmark_steps:
+        return contextlib.nullcontext()
+    _current_run = Path(cfg.out)
+    return runfolder.claim(cfg.out, resume, overwrite, dist_info.main)
+
+
 def open_run(resume: bool | str, log: "RunLog") -> Path | None:
     """Start of a run in ``log.out``: remove temporaries of killed checkpoint writes, then find the
     checkpoint to continue from: ``resume`` True means ``<out>/last.pt`` (none yet: a fresh start, with
@@ -294,6 +393,7 @@ def open_run(resume: bool | str, log: "RunLog") -> Path | None:
     path = log.out / "last.pt"
     if not path.is_file():
         log.print(f"note: --resume, but {log.out} has no checkpoint yet: starting afresh")
+        log.truncate_metrics(0)   # rows of an epoch whose checkpoint was never written
         return None
     return path
 
@@ -376,16 +476,35 @@ class RunLog:
             (self.out / "config.yaml").write_text(yaml.safe_dump({**cfg, "git_commit": git_commit()}, sort_keys=False))
 
     def append_metrics(self, row: dict) -> None:
+        """One whole line per record, on the disk before the epoch's checkpoint (a crash tears at most it)."""
         if self.enabled:
             with open(self.out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
 
     def truncate_metrics(self, epochs_done: int) -> None:
-        """On resume, drop rows of epochs after the checkpoint (they are trained again)."""
+        """On resume, drop rows of epochs after the checkpoint (they are trained again) and a torn last line
+        (a crash while appending), with a note; any other unreadable line is an error naming it."""
         path = self.out / "metrics.jsonl"
-        if self.enabled and path.exists():
-            rows = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["epoch"] <= epochs_done]
-            path.write_text("".join(r + "\n" for r in rows))
+        if not self.enabled or not path.exists():
+            return
+        lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+        rows = []
+        for number, line in enumerate(lines, 1):
+            try:
+                epoch = json.loads(line)["epoch"]
+            except (ValueError, KeyError, TypeError):
+                if number < len(lines):
+                    raise ConfigError(f"{path}, line {number}: not a metrics record ({line[:60]!r}); "
+                                      f"remove the line to resume") from None
+                self.print(f"note: dropped the torn last line of {path} (a crash while it was written)")
+                continue
+            if epoch <= epochs_done:
+                rows.append(line)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(r + "\n" for r in rows))
+        os.replace(tmp, path)
 
     def write_summary(self, summary: dict, name: str = "summary.json") -> None:
         if self.enabled:
@@ -697,11 +816,11 @@ SUMMARY_KEYS = ("top1", "teacher_top1", "kl", "gap", "agreement", "pl", "cka_log
 TWO_CLASS_KEYS = ("f1", "mcc", "teacher_f1", "teacher_mcc")
 
 
-def check_finite(sums: torch.Tensor, names: list[str], epoch: int, step: int) -> None:
+def check_finite(sums: torch.Tensor, names: list[str], epoch: int, step: int, out: Path) -> None:
     if not bool(torch.isfinite(sums).all()):
         bad = [n for n, v in zip(names, sums.tolist()) if not math.isfinite(v)]
         raise NonFiniteLoss(f"non-finite loss ({', '.join(bad)}) in epoch {epoch + 1} by step {step + 1}; "
-                            f"the last checkpoint is left intact")
+                            f"{_checkpoint_state(out)}")
 
 
 def check_resumable(saved: dict, now: dict) -> None:
@@ -753,8 +872,15 @@ def fit_steps(cfg, dist_info: Dist, distiller, optimizer: torch.optim.Optimizer,
     eval_every, cuda_graph, out and (optionally) save_every. Writes config.yaml, metrics.jsonl, last.pt
     and best.pt (atomically, at the end of every epoch, and last.pt also every ``save_every`` steps
     inside an epoch) and, after the last epoch, outputs.pt (``EvalOutputs``); ``resume`` is the
-    checkpoint to continue from (``open_run``).
+    checkpoint to continue from (``open_run``). A stop signal while it runs (SIGTERM, SIGUSR1) saves a
+    checkpoint after the current step and raises ``runfolder.Preempted``.
     """
+    with runfolder.graceful_stop():
+        return (yield from _train_epochs(cfg, dist_info, distiller, optimizer, train, test, amp_dtype, log, resume))
+
+
+def _train_epochs(cfg, dist_info: Dist, distiller, optimizer: torch.optim.Optimizer, train, test,
+                  amp_dtype: torch.dtype | None, log: RunLog, resume: Path | None):
     device = dist_info.device
     updated_params = distiller.updated_params()
     if dist_info.world > 1:
@@ -770,8 +896,16 @@ def fit_steps(cfg, dist_info: Dist, distiller, optimizer: torch.optim.Optimizer,
     if resume is not None:
         ckpt = checkpoints.load_resume_checkpoint(Path(resume))
         check_resumable(ckpt["config"], config_dict(cfg))
-        load_distiller_state(distiller, ckpt["distiller"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt["epoch"] > cfg.epochs:
+            raise ConfigError(f"cannot resume: {resume} has trained {ckpt['epoch']} epochs, more than epochs="
+                              f"{cfg.epochs}; give --epochs {ckpt['epoch']} or more")
+        try:
+            load_distiller_state(distiller, ckpt["distiller"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (KeyError, ValueError, RuntimeError) as err:   # another code version's models or groups
+            reason = str(err).strip().splitlines()[0][:120]
+            raise checkpoints.CheckpointError(f"cannot resume from {resume}: its models or optimiser do not match "
+                                              f"this run's ({type(err).__name__}: {reason})") from None
         start_epoch, best, history = ckpt["epoch"], ckpt["best_top1"], ckpt["history"]
         start_step, saved_sums = ckpt.get("step", 0), ckpt.get("loss_sums")
         if "accum" in ckpt:
@@ -827,17 +961,21 @@ def fit_steps(cfg, dist_info: Dist, distiller, optimizer: torch.optim.Optimizer,
             sums = losses if sums is None else sums + losses
             last = i + 1 == len(train)
             if (i + 1) % cfg.log_every == 0 or last:
-                check_finite(sums, step.names, epoch, i)
+                check_finite(sums, step.names, epoch, i, last_path.parent)
             progress.step(epoch, cfg.epochs, i, len(train),
                           float(sums[0]) / (i + 1) if (i + 1) % cfg.log_every == 0 or last else None)
-            if save_every and (i + 1) % save_every == 0 and not last:
-                check_finite(sums, step.names, epoch, i)     # never a checkpoint of a diverged run
+            stop = None if last else runfolder.stop_agreed(dist_info.world, device, i)
+            if not last and (stop or save_every and (i + 1) % save_every == 0):
+                check_finite(sums, step.names, epoch, i, last_path.parent)     # never a checkpoint of a diverged run
                 # The running statistics are linear in the batches, so averaging here changes nothing
                 # later but makes the saved model the ranks' common one (as at the epoch's end).
                 average_buffers(distiller, dist_info)
                 rank_sums = gather_rows(sums)
                 if dist_info.main:
                     checkpoints.save_atomic(checkpoint(epoch, i + 1, rank_sums), last_path)
+            if stop:
+                raise runfolder.Preempted(f"{signal.Signals(stop).name} in epoch {epoch + 1} after step {i + 1} of "
+                                          f"{len(train)}: saved {last_path}", stop)
             yield   # between steps, other runs of this process may take theirs (multirun)
         if device.type == "cuda":
             torch.cuda.current_stream(device).synchronize()   # this run's stream: concurrent runs keep going
@@ -867,6 +1005,10 @@ def fit_steps(cfg, dist_info: Dist, distiller, optimizer: torch.optim.Optimizer,
                 checkpoints.save_atomic(ckpt, best_path)
             if epoch + 1 in getattr(cfg, "anchor_epochs", ()):
                 checkpoints.save_anchor(ckpt["model"], epoch + 1, Path(cfg.out))
+        stop = runfolder.stop_agreed(dist_info.world, device) if epoch + 1 < cfg.epochs else None
+        if stop:
+            raise runfolder.Preempted(f"{signal.Signals(stop).name} in epoch {epoch + 1}: saved {last_path} at its "
+                                      f"end", stop)
     return {**{k: metrics.get(k) for k in SUMMARY_KEYS}, **{k: metrics[k] for k in TWO_CLASS_KEYS if k in metrics},
             "best_top1": best, "teacher_top1_initial": history.get("teacher_top1_initial"),
             "updated_params": updated_params, "train_time_s": history.get("train_time_s", 0.0)}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import signal
 import sys
 import time
 import traceback
@@ -22,6 +23,7 @@ import torch
 
 import checkpoints
 import engine
+import runfolder
 
 GPU_CONCURRENCY = 8      # runs at once by default on a GPU (each holds its data set and models on the device)
 BENCHMARK_COUNTS = (1, 2, 4, 8)
@@ -77,10 +79,11 @@ class Scheduler:
         self.current: _Active | None = None   # whose random state the process holds now
         self.results: dict[int, typing.Any] = {}
         self.failures: list[tuple[Job, Exception]] = []
+        self.stopped: list[tuple[Job, runfolder.Preempted]] = []
         self.tagged = concurrent > 1 and len(jobs) > 1   # interleaved console lines say whose they are
 
     def _fill(self) -> None:
-        while self.pending and len(self.active) < self.concurrent:
+        while self.pending and len(self.active) < self.concurrent and not runfolder.stop_requested():
             index, job = self.pending.pop(0)
             stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" and self.concurrent > 1 else None
             self.active.append(_Active(index, job, job.start(), stream))
@@ -99,7 +102,12 @@ class Scheduler:
                 return next(run.steps)
         except StopIteration as done:
             self.results[run.index] = done.value
+        except runfolder.Preempted as err:   # it saved its checkpoint; the others stop at their next step
+            print(f"[{run.job.name}] stopped: {err}", file=sys.stderr, flush=True)
+            self.stopped.append((run.job, err))
         except Exception as err:   # the other runs go on; the failure is raised when they have finished
+            if engine.peer_failure(err):
+                raise   # the process group is gone: no run of this process can go on
             if not isinstance(err, EXPECTED):   # a bug: its traceback now, while the others go on
                 traceback.print_exc()
             print(f"[{run.job.name}] failed: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
@@ -122,6 +130,12 @@ class Scheduler:
 
     def finish(self) -> list:
         self.run()
+        if self.stopped or (self.pending and runfolder.stop_requested()):
+            signum = runfolder.stop_requested()
+            total = len(self.results) + len(self.failures) + len(self.stopped) + len(self.pending)
+            raise runfolder.Preempted(f"{signal.Signals(signum).name}: {len(self.results)} of {total} runs finished, "
+                                      f"{len(self.stopped)} stopped, {len(self.pending)} not started"
+                                      + (f", {len(self.failures)} failed" if self.failures else ""), signum)
         if self.failures:
             job, err = self.failures[0]
             names = ", ".join(j.name for j, _ in self.failures)

@@ -34,6 +34,8 @@ import numpy as np
 import torch
 import yaml
 
+import runfolder
+
 PAPER_VALUES = Path(__file__).resolve().parent / "paper_values.yaml"
 # Config keys that never make two runs different experiments: seeds, paths, logging, hardware plumbing.
 NOT_AN_EXPERIMENT = {"seed", "out", "data_dir", "download", "device", "log_every", "eval_every", "eval_batch_size",
@@ -576,6 +578,11 @@ def make_figures(groups: list[Group], out: Path, log=print) -> list[tuple[str, s
 def write_report(paths: list[str], out: str | Path, log=print, figures: bool = True) -> Path:
     """Tables and figures of the run folders under ``paths`` into ``out``; returns the tables.md path."""
     out = Path(out)
+    inside = next((folder for folder in (out, *out.absolute().parents)
+                   if any((folder / name).is_file() for name in runfolder.RESULT_FILES)), None)
+    if inside is not None:
+        raise ValueError(f"--out {out} is inside the run folder {inside}: a report is never written into a run "
+                         f"folder; choose another --out")
     runs = find_runs([str(p) for p in paths], log)
     if not runs:
         raise FileNotFoundError(f"no usable run folder under {', '.join(map(str, paths))}")

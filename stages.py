@@ -31,9 +31,9 @@ class Stage:
 STAGES_FILE = "stages.json"
 
 
-def run_stages(cfg, stages: list[Stage], stage_config, run_one, resume: bool, log: RunLog):
-    """Run ``stages`` in order, yielding after every training step; ``run_one(stage_cfg, resume)`` is a
-    generator of one stage's steps that returns its summary.
+def run_stages(cfg, stages: list[Stage], stage_config, run_one, resume: bool, log: RunLog, overwrite: bool = False):
+    """Run ``stages`` in order, yielding after every training step; ``run_one(stage_cfg, resume, overwrite)``
+    is a generator of one stage's steps that returns its summary (each stage holds its own folder).
 
     ``stage_config(cfg, stage, out, source)`` makes a stage's config, running into ``out``; ``source`` is
     ``(run folder, Stage)`` of the stage named by ``teacher_from`` (None when there is none).
@@ -62,7 +62,8 @@ def run_stages(cfg, stages: list[Stage], stage_config, run_one, resume: bool, lo
         stage_resume = resume and (Path(stage_cfg.out) / "last.pt").is_file()
         log.print(f"stage {i + 1}/{len(stages)} ({stage.name}): {stage.method} into {stage_cfg.out}"
                   + (" (resumed)" if stage_resume else ""))
-        summary = yield from run_one(stage_cfg, resume=stage_resume)
+        # Under --resume a stage without a checkpoint yet starts afresh in its folder (open_run says so).
+        summary = yield from run_one(stage_cfg, resume=bool(resume), overwrite=overwrite)
         if dist.is_available() and dist.is_initialized():
             dist.barrier()   # the next stage loads what rank 0 has just written
         done[stage.name] = {"out": stage_cfg.out, "method": stage.method, "summary": summary}

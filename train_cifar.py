@@ -28,6 +28,7 @@ import checkpoints
 import engine
 import models
 import multirun
+import runfolder
 import stages
 from distillers import STAGED_METHODS, DistillConfig, build_distiller, method_names, needs_teacher
 from distillers.feature import run_init_stage
@@ -102,6 +103,10 @@ class DataNotFound(FileNotFoundError):
     pass
 
 
+class DataUnreadable(ValueError):
+    pass
+
+
 def load_cifar100(root: str | Path, download: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Read the standard python pickles: ``{"train": (uint8 [N,3,32,32], int64 [N]), "test": ...}``."""
     folder = Path(root) / "cifar-100-python"
@@ -118,10 +123,18 @@ def load_cifar100(root: str | Path, download: bool = False) -> dict[str, tuple[t
                            f"holds cifar-100-python/.")
     splits = {}
     for split in ("train", "test"):
-        with open(folder / split, "rb") as f:
-            entry = pickle.load(f, encoding="latin1")
-        images = torch.from_numpy(entry["data"]).reshape(-1, 3, 32, 32)
-        labels = torch.tensor(entry["fine_labels"], dtype=torch.int64)
+        try:
+            with open(folder / split, "rb") as f:
+                entry = pickle.load(f, encoding="latin1")
+            images = torch.from_numpy(entry["data"]).reshape(-1, 3, 32, 32)
+            labels = torch.tensor(entry["fine_labels"], dtype=torch.int64)
+        except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError, KeyError, TypeError,
+                ValueError, RuntimeError) as err:   # whatever a truncated or foreign pickle raises
+            raise DataUnreadable(f"{folder / split} is not a readable CIFAR-100 pickle (truncated or corrupt: "
+                                 f"{type(err).__name__}); download it again with --download into an empty "
+                                 f"--data-dir") from None
+        if len(labels) != len(images):
+            raise DataUnreadable(f"{folder / split} holds {len(images)} images but {len(labels)} labels")
         splits[split] = (images, labels)
     return splits
 
@@ -266,20 +279,26 @@ def stage_config(cfg: CifarConfig, stage: stages.Stage, out: str,
     return dataclasses.replace(cfg, **changes)
 
 
-def run(cfg: CifarConfig, resume: bool | str = False) -> dict:
+def run(cfg: CifarConfig, resume: bool | str = False, overwrite: bool = False) -> dict:
     """One run, start to end: its summary (``summary.json``)."""
-    return engine.drain(run_steps(cfg, resume))
+    return engine.drain(run_steps(cfg, resume, overwrite))
 
 
-def run_steps(cfg: CifarConfig, resume: bool | str = False):
+def run_steps(cfg: CifarConfig, resume: bool | str = False, overwrite: bool = False):
     """One run as a generator that yields after every training step and returns the summary, so that
-    several runs can share a process (``multirun``)."""
+    several runs can share a process (``multirun``). It holds its run folder throughout."""
     dist = engine.init_distributed(cfg.device)
     cfg, amp_dtype = resolve(cfg, dist)
+    with engine.claim_run_folder(cfg, resume, overwrite, dist):
+        return (yield from train_steps(cfg, dist, amp_dtype, resume, overwrite))
+
+
+def train_steps(cfg: CifarConfig, dist: engine.Dist, amp_dtype: torch.dtype | None, resume: bool | str,
+                overwrite: bool):
     log = engine.RunLog(cfg.out, enabled=dist.main)
     if cfg.method in STAGED_METHODS:
         method_stages = STAGED_METHODS[cfg.method]
-        return (yield from stages.run_stages(cfg, method_stages, stage_config, run_steps, resume, log))
+        return (yield from stages.run_stages(cfg, method_stages, stage_config, run_steps, resume, log, overwrite))
     resume_from = None if cfg.benchmark_steps else engine.open_run(resume, log)
     engine.seed_everything(cfg.seed)
 
@@ -336,7 +355,7 @@ def quickstart_data(data_dir: str) -> str:
     return data_dir
 
 
-def quickstart(base: CifarConfig) -> None:
+def quickstart(base: CifarConfig, resume: bool = False, overwrite: bool = False) -> None:
     cuda = torch.cuda.is_available() and base.device in ("auto", "cuda")
     if cuda:
         size = dict(epochs=15, lr_schedule="cosine", lr=0.1, batch_size=128, log_every=200)
@@ -360,7 +379,7 @@ def quickstart(base: CifarConfig) -> None:
         for i, (name, cfg) in enumerate(runs.items()):
             print(f"\n== quickstart run {i + 1}/{len(runs)}: {name}, into {cfg.out}/", flush=True)
             engine.expect_more_runs(len(runs) - i - 1)
-            rows[name] = run(cfg)
+            rows[name] = run(cfg, resume=resume, overwrite=overwrite)
     finally:
         engine.expect_more_runs(0)
     print("\n| run | top-1 | teacher top-1 | gap | KL | agreement | batch ms |\n|---|---|---|---|---|---|---|")
@@ -456,12 +475,14 @@ def run_many(cfgs: list[CifarConfig], args: argparse.Namespace) -> list[dict]:
     if twice:
         raise engine.ConfigError(f"two runs would write the same folder {twice[0]}: give out a {{seed}} or drop "
                                  f"repeated values")
+    for folder in folders:   # before the first run starts, not when the last one's turn comes
+        runfolder.check_fresh(folder, args.resume, args.overwrite)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     concurrent = args.concurrent or multirun.default_concurrency(cfgs[0].device, world)
     if concurrent > 1 and world > 1:
         raise engine.ConfigError("--concurrent runs several runs in one process; under torchrun every rank "
                                  "already shares each run: drop --concurrent or torchrun")
-    jobs = [multirun.Job(Path(folder).name, functools.partial(run_steps, cfg, bool(args.resume)))
+    jobs = [multirun.Job(Path(folder).name, functools.partial(run_steps, cfg, bool(args.resume), args.overwrite))
             for folder, cfg in zip(folders, cfgs)]
     return multirun.run_all(jobs, concurrent, torch.device(engine.check_device(cfgs[0].device)))
 
@@ -529,13 +550,13 @@ def main(argv=None) -> int:
     def body() -> None:
         cfg, args = parse_args(argv)
         if args.quickstart:
-            quickstart(cfg)
+            quickstart(cfg, resume=bool(args.resume), overwrite=args.overwrite)
         elif args.sweep:
             sweep(args, cfg)
         elif args.seeds:
             seeds(args, cfg)
         else:
-            run(cfg, resume=args.resume)
+            run(cfg, resume=args.resume, overwrite=args.overwrite)
     return engine.cli(body)
 
 

@@ -386,20 +386,26 @@ def stage_config(cfg: GlueConfig, stage: stages.Stage, out: str,
     return dataclasses.replace(cfg, **changes)
 
 
-def run(cfg: GlueConfig, resume: bool | str = False) -> dict:
+def run(cfg: GlueConfig, resume: bool | str = False, overwrite: bool = False) -> dict:
     """One run, start to end: its summary (``summary.json``)."""
-    return engine.drain(run_steps(cfg, resume))
+    return engine.drain(run_steps(cfg, resume, overwrite))
 
 
-def run_steps(cfg: GlueConfig, resume: bool | str = False):
+def run_steps(cfg: GlueConfig, resume: bool | str = False, overwrite: bool = False):
     """One run as a generator that yields after every training step and returns the summary, so that
-    several runs can share a process (``multirun``)."""
+    several runs can share a process (``multirun``). It holds its run folder throughout."""
     dist = engine.init_distributed(cfg.device)
     cfg, amp_dtype = resolve(cfg, dist)
+    with engine.claim_run_folder(cfg, resume, overwrite, dist):
+        return (yield from train_steps(cfg, dist, amp_dtype, resume, overwrite))
+
+
+def train_steps(cfg: GlueConfig, dist: engine.Dist, amp_dtype: torch.dtype | None, resume: bool | str,
+                overwrite: bool):
     log = engine.RunLog(cfg.out, enabled=dist.main)
     if cfg.method in STAGED_METHODS:
         method_stages = STAGED_METHODS[cfg.method]
-        return (yield from stages.run_stages(cfg, method_stages, stage_config, run_steps, resume, log))
+        return (yield from stages.run_stages(cfg, method_stages, stage_config, run_steps, resume, log, overwrite))
     resume_from = None if cfg.benchmark_steps else engine.open_run(resume, log)
     engine.seed_everything(cfg.seed)
     task = TASKS[cfg.task]
@@ -480,7 +486,7 @@ def parse_args(argv=None) -> tuple[GlueConfig, argparse.Namespace]:
 def main(argv=None) -> int:
     def body() -> None:
         cfg, args = parse_args(argv)
-        run(cfg, resume=args.resume)
+        run(cfg, resume=args.resume, overwrite=args.overwrite)
     return engine.cli(body)
 
 

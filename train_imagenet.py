@@ -237,9 +237,15 @@ def resolve(cfg: ImagenetConfig, dist: engine.Dist) -> tuple[ImagenetConfig, tor
     return cfg, amp_dtype
 
 
-def run(cfg: ImagenetConfig, resume: bool | str = False) -> dict:
+def run(cfg: ImagenetConfig, resume: bool | str = False, overwrite: bool = False) -> dict:
+    """One run, start to end, holding its run folder throughout: its summary (``summary.json``)."""
     dist = engine.init_distributed(cfg.device)
     cfg, amp_dtype = resolve(cfg, dist)
+    with engine.claim_run_folder(cfg, resume, overwrite, dist):
+        return train(cfg, dist, amp_dtype, resume)
+
+
+def train(cfg: ImagenetConfig, dist: engine.Dist, amp_dtype: torch.dtype | None, resume: bool | str) -> dict:
     log = engine.RunLog(cfg.out, enabled=dist.main)
     resume_from = None if cfg.benchmark_steps else engine.open_run(resume, log)
     engine.seed_everything(cfg.seed)
@@ -310,7 +316,7 @@ def parse_args(argv=None) -> tuple[ImagenetConfig, argparse.Namespace]:
 def main(argv=None) -> int:
     def body() -> None:
         cfg, args = parse_args(argv)
-        run(cfg, resume=args.resume)
+        run(cfg, resume=args.resume, overwrite=args.overwrite)
     return engine.cli(body)
 
 

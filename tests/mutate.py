@@ -57,6 +57,7 @@ DIST_EVAL = [f"{KD_CORE}::test_consistency_meter_all_reduce_gloo", ENGINE,
              f"{CIFAR}::test_ddp_two_processes_match_one", f"{LOOP}::test_distributed_evaluation_equals_single_process"]
 RESUME = [f"{CIFAR}::test_resume_is_bit_identical", f"{FEAT}::test_crd_bank_survives_resume",
           f"{LOOP}::test_resume_with_dropout_is_bit_identical", f"{LOOP}::test_resume_with_crd_bank_is_bit_identical"]
+RUN_FOLDER = "tests/test_run_folder.py"
 METRICS = [KD_CORE, ENGINE, f"{LOOP}::test_consistency_metrics_where_agreement_is_not_accuracy"]
 STAGED = [f"tests/test_staged.py::{t}" for t in (
     "test_sftn_teacher_loss_and_gradients_match_float64", "test_sftn_distiller_weights_its_branches_as_the_paper",
@@ -262,6 +263,31 @@ MUTANTS = [
            "            raise\n", MULTIRUN, "one failed run takes the others down with it"),
     Mutant("multirun-slot-not-refilled", "multirun.py", "        self._fill()\n        return FINISHED\n",
            "        return FINISHED\n", MULTIRUN, "a finished run's slot never goes to the next job"),
+    # runfolder.py: one writer per run folder, no overwrite, preemption (issue 21)
+    Mutant("lock-shared", "runfolder.py", "fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)",
+           "fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)",
+           [f"{RUN_FOLDER}::test_the_lock_is_held_for_every_stage_and_released_after_the_run",
+            f"{RUN_FOLDER}::test_a_second_process_is_refused_and_sigterm_saves_a_checkpoint_that_resumes_bit_identically"], "two processes may write one run folder"),
+    Mutant("overwrite-unchecked", "runfolder.py", "    if found and not resume and not overwrite:\n",
+           "    if found and not resume and not overwrite and False:\n",
+           [f"{RUN_FOLDER}::test_the_same_command_again_is_refused_and_overwrite_starts_afresh"],
+           "the same command again overwrites a finished run"),
+    Mutant("stop-without-checkpoint", "engine.py", "(stop or save_every and (i + 1) % save_every == 0)",
+           "(save_every and (i + 1) % save_every == 0)",
+           [f"{RUN_FOLDER}::test_sigusr1_in_one_process_saves_mid_epoch_and_resumes_bit_identically"], "SIGTERM stops without saving the step"),
+    Mutant("stop-ranks-disagree", "runfolder.py", "    if step is not None and (step + 1) % STOP_CHECK_EVERY:\n"
+           "        return None\n", "    return _stop_signal\n",
+           [f"{RUN_FOLDER}::test_torchrun_sigterm_all_ranks_stop_at_one_step_without_a_traceback"],
+           "under torchrun each rank stops on its own signal (the others hang or go on)"),
+    Mutant("alpha-lower-bound", "engine.py", "not 0 <= values[key] <= 1", "not values[key] <= 1",
+           ["tests/test_bad_input.py::test_cifar_bad_values_leave_the_run_intact"],
+           "a negative alpha trains with a CE weight above 1"),
+    Mutant("torn-metrics-line-kept", "engine.py", "                if number < len(lines):\n",
+           "                if True:\n",
+           [f"{RUN_FOLDER}::test_a_torn_last_metrics_line_is_dropped_on_resume_and_a_broken_one_named"], "a torn last metrics line blocks --resume"),
+    Mutant("fresh-resume-keeps-metrics", "engine.py", "        log.truncate_metrics(0)   # rows",
+           "        pass   # rows",
+           [f"{RUN_FOLDER}::test_a_restart_under_resume_drops_the_rows_of_an_unsaved_epoch"], "a restart under --resume appends to the old metrics"),
 ]
 
 

@@ -29,6 +29,10 @@ def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def folder_digest(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): digest(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 def one_line_error(rc: int, err: str, *needles: str) -> None:
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, (rc, err)
@@ -121,17 +125,121 @@ def test_teacher_checkpoint_that_is_not_one(kind, tmp_path, fake_cifar, capsys):
     (["--device", "gpu"], "device must be auto, cpu, cuda or cuda:N"),
     (["--device", "cuda"], "no usable CUDA GPU"),
     (["--epochs", "0"], "epochs must be at least 1"),
-    (["--save-every", "-1"], "save_every"),
+    (["--save-every", "-1"], "save_every must be a number of steps (0: only at epoch ends) >= 0, got -1"),
     (["--set", "teacher_wieghts=x"], "unknown config key"),
+    (["--set", "tau=0"], "tau must be a temperature > 0, got 0.0"),
+    (["--set", "lr_schedule=cosin"], "lr_schedule must be step, cosine or linear, got 'cosin'"),
+    (["--set", "alpha=1.5"], "alpha must lie in [0, 1] (the KL weight; the student's CE weight is 1 - alpha), got 1.5"),
+    (["--set", "alpha=-0.1"], "alpha must lie in [0, 1]"),
+    (["--set", "train_subset=-5"], "train_subset must be a number of training rows (0: all) >= 0, got -5"),
+    (["--batch-size", "0"], "batch_size must be at least 1, got 0"),
+    (["--batch-size", "-4"], "batch_size must be at least 1, got -4"),
+    (["--limit-batches", "-2"], "limit_batches must be a number of batches (0: all) >= 0, got -2"),
+    (["--set", "log_every=0"], "log_every must be at least 1, got 0"),
+    (["--set", "eval_every=0"], "eval_every must be at least 1, got 0"),
+    (["--set", "teacher_bn=training"], "teacher_bn must be eval or train, got 'training'"),
+    (["--set", "epochs=[1,"], "--set epochs=[1,: not a YAML value (line 1, column 4: "),
+    (["--epochs", "1", "--overwrite"], "--resume continues a run and --overwrite deletes it"),
 ])
 def test_cifar_bad_values_leave_the_run_intact(argv, needle, run_copy, fake_cifar, capsys):
+    """Each value is rejected before anything is written: config.yaml (which report.py reads) included."""
     if "cuda" in argv and torch.cuda.is_available():
         pytest.skip("this machine has a CUDA GPU")
-    before = digest(run_copy / "last.pt")
+    before = folder_digest(run_copy)
     rc, err = cifar_main(capsys, "--method", "ce", *TINY, "--data-dir", str(fake_cifar), "--out", str(run_copy),
                          "--resume", *argv)
     one_line_error(rc, err, needle)
-    assert digest(run_copy / "last.pt") == before
+    assert folder_digest(run_copy) == before
+
+
+def test_yaml_syntax_error_is_one_line_with_its_position(run_copy, fake_cifar, tmp_path, capsys):
+    config = tmp_path / "bad.yaml"
+    config.write_text("method: ce\nlr_milestones: [150, 180\nepochs: 2\n")
+    before = folder_digest(run_copy)
+    rc, err = cifar_main(capsys, "--config", str(config), "--out", str(run_copy), "--resume")
+    one_line_error(rc, err, f"{config} is not valid YAML (line 3, column 7: ")
+    assert folder_digest(run_copy) == before
+
+
+@pytest.mark.parametrize("damage", ["truncated", "foreign"])
+def test_a_damaged_cifar_pickle_is_named(damage, fake_cifar, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(fake_cifar, data)
+    train = data / "cifar-100-python" / "train"
+    if damage == "truncated":
+        train.write_bytes(train.read_bytes()[:5000])
+    else:
+        train.write_bytes(b"\x80\x04K\x07.")   # a pickled int, not the dict of a CIFAR split
+    rc, err = cifar_main(capsys, "--method", "ce", *TINY, "--data-dir", str(data), "--out", str(tmp_path / "run"))
+    one_line_error(rc, err, f"{train} is not a readable CIFAR-100 pickle (truncated or corrupt")
+
+
+def test_resume_with_fewer_epochs_than_trained(run_copy, fake_cifar, capsys):
+    argv = ["--method", "ce", *TINY, "--data-dir", str(fake_cifar), "--out", str(run_copy), "--resume"]
+    assert train_cifar.main([*argv, "--epochs", "2"]) == 0
+    before = folder_digest(run_copy)
+    rc, err = cifar_main(capsys, *argv, "--epochs", "1")
+    one_line_error(rc, err, f"cannot resume: {run_copy / 'last.pt'} has trained 2 epochs, more than epochs=1; "
+                            f"give --epochs 2 or more")
+    assert folder_digest(run_copy) == before
+
+
+@pytest.mark.parametrize("what", ["teacher.pt", "outputs.pt", "missing rng", "renamed weights"])
+def test_resume_from_a_file_that_is_no_run_checkpoint_of_this_version(what, run_copy, fake_cifar, capsys):
+    import checkpoints
+    last = checkpoints.load_file(run_copy / "last.pt", "checkpoint")
+    path = run_copy / what if what.endswith(".pt") else run_copy / "last.pt"
+    if what == "teacher.pt":
+        checkpoints.save_atomic({"model": last["model"]}, path)
+    elif what == "missing rng":
+        checkpoints.save_atomic({k: v for k, v in last.items() if k != "rng"}, path)
+    elif what == "renamed weights":   # another code version's module names
+        last["distiller"]["student"] = {f"net.{k}": v for k, v in last["distiller"]["student"].items()}
+        checkpoints.save_atomic(last, path)
+    before = folder_digest(run_copy)
+    rc, err = cifar_main(capsys, "--method", "ce", *TINY, "--epochs", "2", "--data-dir", str(fake_cifar),
+                         "--resume", str(path))
+    needle = "its models or optimiser do not match this run's" if what == "renamed weights" else \
+        f"{path} is not a run checkpoint this version can continue (no "
+    one_line_error(rc, err, needle, *(["rng)"] if what == "missing rng" else []))
+    assert folder_digest(run_copy) == before
+
+
+def test_full_disk_while_saving_keeps_the_previous_checkpoint(run_copy, fake_cifar, capsys):
+    """The checkpoint's temporary file is /dev/full, a device on which every write fails with ENOSPC."""
+    before = digest(run_copy / "last.pt")
+    (run_copy / f".last.pt.tmp{os.getpid()}").symlink_to("/dev/full")
+    rc, err = cifar_main(capsys, "--method", "ce", *TINY, "--epochs", "2", "--data-dir", str(fake_cifar),
+                         "--out", str(run_copy), "--resume")
+    one_line_error(rc, err, f"cannot write {run_copy / 'last.pt'} (No space left on device); the previous "
+                            f"checkpoint {run_copy / 'last.pt'} is intact (epoch 1)")
+    assert digest(run_copy / "last.pt") == before and not list(run_copy.glob(".*tmp*"))
+
+
+def test_read_only_run_folder(run_copy, fake_cifar, capsys):
+    """chmod when not root; as root (who ignores modes) the folder is made immutable (chattr +i, ext4)."""
+    if os.geteuid() == 0:
+        lock, unlock = ["chattr", "+i", str(run_copy)], ["chattr", "-i", str(run_copy)]
+    else:
+        lock, unlock = ["chmod", "a-w", str(run_copy)], ["chmod", "u+w", str(run_copy)]
+    if subprocess.run(lock, capture_output=True).returncode:
+        pytest.skip(f"cannot make {run_copy} read-only here ({' '.join(lock[:2])})")
+    try:
+        before = folder_digest(run_copy)
+        rc, err = cifar_main(capsys, "--method", "ce", *TINY, "--epochs", "2", "--data-dir", str(fake_cifar),
+                             "--out", str(run_copy), "--resume")
+        assert folder_digest(run_copy) == before
+    finally:
+        subprocess.run(unlock, check=True)
+    one_line_error(rc, err, f"cannot write {run_copy / '.lock'} (", f"the previous checkpoint {run_copy / 'last.pt'} "
+                                                                      f"is intact (epoch 1)")
+
+
+def test_a_diverged_run_without_a_checkpoint_says_so(fake_cifar, tmp_path, capsys, monkeypatch):
+    original = engine.TrainStep.__call__
+    monkeypatch.setattr(engine.TrainStep, "__call__", lambda *a: original(*a) * float("nan"))
+    rc, err = cifar_main(capsys, "--method", "ce", *TINY, "--data-dir", str(fake_cifar), "--out", str(tmp_path / "r"))
+    one_line_error(rc, err, "non-finite loss (", "in epoch 1 by step 2; no checkpoint was written yet")
 
 
 def test_imagenet_unknown_teacher_weights_before_the_data(tmp_path, capsys):
@@ -203,6 +311,23 @@ def test_glue_invalid_utf8_names_file_and_line(bert_folder, rte_dir, tmp_path, c
 # ----------------------------------------------------------------------------------------------
 # Runs that must not lose or overwrite results
 # ----------------------------------------------------------------------------------------------
+def test_glue_imagenet_and_report_never_overwrite_a_run_folder(run_copy, bert_folder, tmp_path, capsys):
+    before = folder_digest(run_copy)
+    rc, err = glue_main(capsys, "--method", "ce", "--student", str(bert_folder), "--max-length", "16", "--out",
+                        str(run_copy))
+    one_line_error(rc, err, f"{run_copy} already holds a run", "add --resume")
+    rc, err = glue_main(capsys, "--method", "ce", "--student", str(bert_folder), "--max-length", "16", "--out",
+                        str(run_copy), "--resume", "--set", "alpha=2")
+    one_line_error(rc, err, "alpha must lie in [0, 1]")
+    capsys.readouterr()
+    rc = train_imagenet.main(["--method", "ce", "--out", str(run_copy), "--data-dir", str(tmp_path / "none")])
+    one_line_error(rc, capsys.readouterr().err, f"{run_copy} already holds a run")
+    import report
+    rc = report.main([str(run_copy), "--out", str(run_copy / "report")])
+    one_line_error(rc, capsys.readouterr().err, f"is inside the run folder {run_copy}")
+    assert folder_digest(run_copy) == before
+
+
 def test_benchmark_never_touches_a_runs_results(run_copy, capsys):
     before = {p.name: digest(p) for p in run_copy.iterdir()}
     assert train_cifar.main(["--method", "ce", "--student", "resnet8", "--benchmark-steps", "1", "--batch-size", "8",

@@ -12,7 +12,7 @@ from conftest import ROOT
 
 # Import names a dependency, or a package a train_glue.py user plausibly has, might also use.
 NEIGHBOURS = ("transformers", "torchvision", "sklearn", "matplotlib", "tokenizers", "safetensors", "yaml", "numpy")
-PROJECT = ("kd_core", "engine", "checkpoints", "stages", "multirun", "report", "models", "distillers")
+PROJECT = ("kd_core", "engine", "checkpoints", "runfolder", "stages", "multirun", "report", "models", "distillers")
 
 
 def top_level_names() -> set[str]:

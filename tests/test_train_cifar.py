@@ -180,14 +180,20 @@ def test_missing_and_mismatched_teacher_checkpoints(fake_cifar, tmp_path, capsys
     assert "layer1.1" in capsys.readouterr().err
 
 
-def test_non_finite_loss_stops_and_keeps_last_checkpoint(fake_cifar, teacher_ckpt, tmp_path, capsys):
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(fake_cifar, teacher_ckpt, tmp_path, capsys, monkeypatch):
     run(tmp_path, fake_cifar, method="kd", teacher_ckpt=str(teacher_ckpt))
     before = digest(tmp_path / "run" / "last.pt")
+
+    def diverging_lr(optimizer, factor, overwrite=False):   # lr 1e30 in the resumed epoch (a config lr may not change)
+        for group in optimizer.param_groups:
+            group["lr"] = 1e30
+    monkeypatch.setattr(engine, "set_lr", diverging_lr)
     args = ["--method", "kd", "--teacher", "resnet8", "--student", "resnet8", "--teacher-ckpt", str(teacher_ckpt),
-            "--data-dir", str(fake_cifar), "--out", str(tmp_path / "run"), "--epochs", "1", "--batch-size", "16",
-            "--limit-batches", "4", "--set", "lr=1e30", "--set", "log_every=1"]
+            "--data-dir", str(fake_cifar), "--out", str(tmp_path / "run"), "--epochs", "2", "--batch-size", "16",
+            "--limit-batches", "2", "--set", "eval_batch_size=50", "--set", "log_every=1", "--resume"]
     assert train_cifar.main(args) == 2
-    assert "non-finite loss" in capsys.readouterr().err
+    assert f"non-finite loss (loss, kl, ce) in epoch 2 by step 2; the last checkpoint {tmp_path / 'run' / 'last.pt'} " \
+           f"is left intact" in capsys.readouterr().err
     assert digest(tmp_path / "run" / "last.pt") == before
 
 

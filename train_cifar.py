@@ -63,7 +63,8 @@ class CifarConfig:
     alpha: float = 0.9
     tau: float = 4.0
     w_tce: float = 0.5
-    w_tkl: float | None = None              # PESF student-to-teacher KL weight; None: alpha
+    w_tkl: float | None = None              # student-to-teacher KL weight (pesf, ftkd official); None: alpha
+    w_ce: float | None = None               # the student's CE weight; None: 1 - alpha
     label_adjust: bool | None = None        # None: on for ftkd and pesf, off otherwise
     adapter: str = "houlsby"                # houlsby | lora | parallel
     adapter_slot: str = "head"              # head | stages

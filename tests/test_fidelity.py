@@ -109,6 +109,39 @@ def test_pesf_official_switches_match_their_equations():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in teacher.adapter.parameters())
 
 
+def test_ftkd_official_teacher_learns_only_from_its_own_kl_and_ce():
+    """teacher_kl=official for ftkd (the authors' cv/helper/loops.py l. 133-139, 167): the student's target
+    adj(t) goes through numpy, so the student's KL reaches no teacher parameter; the teacher's loss is
+    w_tkl * KL_tau(t || adj(s).detach()) + w_tce * CE(t, y). The paper's text (default) has no teacher KL
+    and lets the student's KL train the teacher."""
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 100, (8,))
+    for mode in ("official", "paper"):
+        teacher = models.build_model("resnet8", 100)
+        cfg = DistillConfig(alpha=0.7, tau=3.0, w_tce=0.45, w_tkl=0.2, w_ce=0.35, teacher_kl=mode)
+        d = build_distiller("ftkd", models.build_model("resnet8", 100), teacher, cfg).train()
+        with torch.no_grad():
+            t64 = copy.deepcopy(teacher).train()(x).double()     # the trained teacher runs in train mode
+        s, losses = d(x, y)
+        s64 = s.detach().double()
+        torch.testing.assert_close(losses["kl"].double(), 0.7 * kl64(adj64(t64, y), s64, 3.0), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(losses["ce"].double(), 0.35 * F.cross_entropy(s64, y), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(losses["teacher_ce"].double(), 0.45 * F.cross_entropy(t64, y), rtol=1e-5,
+                                   atol=1e-6)
+        losses["kl"].backward(retain_graph=True)
+        reached = [p.grad is not None and p.grad.abs().sum() > 0 for p in teacher.parameters()]
+        assert any(reached) == (mode == "paper"), mode
+        if mode == "paper":
+            assert "teacher_kl" not in losses
+            continue
+        torch.testing.assert_close(losses["teacher_kl"].double(), 0.2 * kl64(t64, adj64(s64, y), 3.0), rtol=1e-5,
+                                   atol=1e-6)
+        d.zero_grad(set_to_none=True)
+        losses["teacher_kl"].backward()
+        assert all(p.grad is None for p in d.student.parameters())
+        assert teacher.fc.weight.grad.abs().sum() > 0
+
+
 def test_grad_accum_sums_gradients_of_n_batches_per_step():
     torch.manual_seed(0)
     model = torch.nn.Linear(5, 3, bias=False)

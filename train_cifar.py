@@ -80,6 +80,8 @@ class CifarConfig:
     adapter_form: str = "paper"             # paper (adapter/bottleneck) | official (the authors' logit adapter)
     teacher_kl: str = "paper"               # paper | official (pesf: KL_tau(t || adj(s).detach()))
     grad_accum: int = 1                     # batches whose gradients are summed per optimiser step
+    grad_accum_reset: str = "run"           # run (count across epochs) | epoch (the authors' per-epoch count)
+    drop_last: bool = True                  # false: also train on the last partial batch (one process)
     lr_overwrite: bool = False              # true: after a decay every group runs at the student's lr
     train_subset: int = 0                   # use only the first N training images (0: all)
     seed: int = 0
@@ -132,16 +134,19 @@ class DeviceBatches:
 
     Training: one permutation per epoch (seeded by seed and epoch, identical on every rank), each
     global batch split into equal per-rank slices, last partial batch dropped (static shapes for
-    the CUDA graph); random crop with 4 pixels of zero padding and horizontal flip. Evaluation:
+    the CUDA graph) unless ``drop_last`` is false (one process only); random crop with 4 pixels of zero padding and horizontal flip. Evaluation:
     every image once, sharded across ranks, no augmentation.
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, device: torch.device,
                  train: bool, seed: int = 0, rank: int = 0, world: int = 1, limit: int = 0,
-                 channels_last: bool = False) -> None:
+                 channels_last: bool = False, drop_last: bool = True) -> None:
         if train and batch_size % world:
             raise ValueError(f"batch_size {batch_size} must be divisible by the number of processes {world}")
+        if not drop_last and world > 1:
+            raise ValueError("drop_last: false keeps a partial batch that cannot be split evenly: one process only")
         self.train, self.seed, self.rank, self.world, self.limit = train, seed, rank, world, limit
+        self.drop_last = drop_last
         self.batch_size = batch_size
         self.labels = labels.to(device)
         pad = 4 if train else 0
@@ -154,7 +159,10 @@ class DeviceBatches:
 
     def __len__(self) -> int:
         n = len(self.labels)
-        steps = n // self.batch_size if self.train else -(-n // (self.batch_size * self.world))
+        if self.train:
+            steps = n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        else:
+            steps = -(-n // (self.batch_size * self.world))
         return min(steps, self.limit) if self.limit else steps
 
     def _normalise(self, x: torch.Tensor) -> torch.Tensor:
@@ -175,8 +183,8 @@ class DeviceBatches:
         per_rank = self.batch_size // self.world
         for i in range(len(self)):
             idx = order[i * self.batch_size + self.rank * per_rank:i * self.batch_size + (self.rank + 1) * per_rank]
-            shift = torch.randint(0, 9, (2, per_rank), generator=aug, device=self.device)
-            flip = torch.rand(per_rank, generator=aug, device=self.device) < 0.5
+            shift = torch.randint(0, 9, (2, len(idx)), generator=aug, device=self.device)
+            flip = torch.rand(len(idx), generator=aug, device=self.device) < 0.5
             rows = (shift[0, :, None] + self.offsets)[:, None, :, None]
             if i < start:
                 continue
@@ -296,7 +304,7 @@ def run_steps(cfg: CifarConfig, resume: bool | str = False):
             images, labels = images[:cfg.train_subset], labels[:cfg.train_subset]
         train = DeviceBatches(images, labels, cfg.batch_size, dist.device, train=True, seed=cfg.seed,
                               rank=dist.rank, world=dist.world, limit=cfg.limit_batches,
-                              channels_last=cfg.channels_last)
+                              channels_last=cfg.channels_last, drop_last=cfg.drop_last)
         test = DeviceBatches(*data["test"], per_rank_eval, dist.device, train=False, rank=dist.rank,
                              world=dist.world, limit=cfg.limit_batches, channels_last=cfg.channels_last)
     if len(train) == 0:

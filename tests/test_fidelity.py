@@ -163,6 +163,62 @@ def test_grad_accum_sums_gradients_of_n_batches_per_step():
         torch.testing.assert_close(model.weight.detach().double(), w, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("reset", ["epoch", "run"])
+def test_grad_accum_reset_epoch_counts_as_the_authors_loop_on_a_782_batch_epoch(reset):
+    """The authors' cv/helper/loops.py l. 97 and 263-267: ``(idx + 1) % 4`` with idx from each epoch's
+    enumerate, zero_grad only after a step. 50,000 images at batch 64 without drop_last are 782 batches: epoch
+    1 steps after batches 4, 8, ..., 780; batches 781-782 join epoch 2's first step (6 batches). Counted over
+    the run instead, epoch 2's first step comes after 2 of its batches (4 in all)."""
+    torch.manual_seed(0)
+    epochs, per_epoch, batches = 2, 782, [(torch.randn(2, 5, dtype=torch.float64), torch.randint(0, 3, (2,)))
+                                          for _ in range(782)]
+    model = torch.nn.Linear(5, 3, bias=False).double()
+    reference = copy.deepcopy(model)
+    stepped_after = []
+
+    def loss_fn(x, y, index):
+        out = model(x)
+        return out, {"ce": F.cross_entropy(out, y)}
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    step = engine.TrainStep(loss_fn, opt, None, torch.device("cpu"), grad_accum=4, grad_accum_reset=reset)
+    opt.register_step_post_hook(lambda *_: stepped_after.append(step.calls))
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
+    count = 0
+    for _ in range(epochs):
+        for idx, (x, y) in enumerate(batches):
+            step(x, y, None, batch=idx)
+            F.cross_entropy(reference(x), y).backward()      # the reference loop, written as theirs
+            count += 1
+            if ((idx if reset == "epoch" else count - 1) + 1) % 4 == 0:
+                ref_opt.step()
+                ref_opt.zero_grad()
+    assert len(batches) == per_epoch
+    first_in_epoch_2 = next(c for c in stepped_after if c > per_epoch)
+    assert first_in_epoch_2 - max(c for c in stepped_after if c <= per_epoch) == (6 if reset == "epoch" else 4)
+    assert first_in_epoch_2 == (per_epoch + 4 if reset == "epoch" else per_epoch + 2)
+    assert len(stepped_after) == (2 * 195 if reset == "epoch" else 391)
+    torch.testing.assert_close(model.weight, reference.weight, rtol=1e-12, atol=1e-12)
+    with pytest.raises(engine.ConfigError, match="grad_accum_reset"):
+        engine.TrainStep(loss_fn, opt, None, torch.device("cpu"), grad_accum=4, grad_accum_reset="step")
+
+
+def test_fit_keeps_the_last_partial_batch_and_counts_grad_accum_per_epoch(fake_cifar, teacher_ckpt, tmp_path):
+    """88 images at batch 16 without drop_last: 6 batches per epoch (the last of 8). Per-epoch counting with
+    grad_accum 4 steps after batch 4 of each epoch, so 2 batches are pending after each epoch; counted over the
+    run, 12 batches are 3 full steps and none is pending."""
+    pending = {}
+    for reset in ("epoch", "run"):
+        preset = dict(epochs=2, limit_batches=0, train_subset=88, drop_last=False, grad_accum_reset=reset,
+                      out=str(tmp_path / reset))
+        student_after(tmp_path, fake_cifar, teacher_ckpt, "kd_official", **preset)
+        ckpt = torch.load(tmp_path / reset / "last.pt", weights_only=False)
+        pending[reset] = (ckpt["accum"]["calls"], ckpt["accum"]["pending"])
+        rows = (tmp_path / reset / "metrics.jsonl").read_text().splitlines()
+        assert len(rows) == 2
+    assert pending == {"epoch": (12, 2), "run": (12, 0)}
+
+
 def test_lr_overwrite_sets_every_group_to_the_students_lr_after_a_decay():
     params = [torch.nn.Parameter(torch.zeros(1)) for _ in range(2)]
     opt = torch.optim.SGD([{"params": [params[0]], "lr": 0.05, "name": "student"},
@@ -199,11 +255,11 @@ def test_presets_switch_on_what_the_authors_code_does(protocol):
 
 
 def student_after(tmp_path, data, ckpt, preset: str, **keys) -> dict:
+    keys.setdefault("out", str(tmp_path / preset))
     cfg = engine.build_config(CifarConfig, str(ROOT / "configs/cifar/resnet56_resnet20" / f"{preset}.yaml"),
-                              overrides={**TINY, "teacher_ckpt": str(ckpt), "data_dir": str(data),
-                                         "out": str(tmp_path / preset), **keys})
+                              overrides={**TINY, "teacher_ckpt": str(ckpt), "data_dir": str(data), **keys})
     train_cifar.run(cfg)
-    return torch.load(tmp_path / preset / "last.pt", weights_only=False)["distiller"]["student"]
+    return torch.load(Path(keys["out"]) / "last.pt", weights_only=False)["distiller"]["student"]
 
 
 def test_pesf_official_student_is_the_kd_official_student(fake_cifar, teacher_ckpt, tmp_path):

@@ -242,12 +242,22 @@ def test_presets_switch_on_what_the_authors_code_does(protocol):
         load = lambda stem: engine.build_config(CifarConfig, str(folder / f"{stem}.yaml"))  # noqa: E731
         kd, kd_adj, kd_off, pesf_off, ftkd_off = map(load, ("kd", "kd_adj", "kd_official", "pesf_official",
                                                              "ftkd_official"))
+        kd_code, pesf_code, ftkd_code = map(load, ("kd_codedefaults", "pesf_codedefaults", "ftkd_codedefaults"))
         assert kd.label_adjust is None and kd_adj.label_adjust is True and kd_adj.teacher_bn == "eval"
-        for cfg in (kd_off, pesf_off, ftkd_off):
-            assert (cfg.label_adjust, cfg.teacher_bn, cfg.grad_accum, cfg.lr_overwrite) == (True, "train", 4, True)
-        assert (pesf_off.student_target, pesf_off.adapter_form, pesf_off.teacher_kl, pesf_off.w_tce) == \
-            ("unadapted", "official", "official", 1.0)
-        assert ftkd_off.teacher_lr == 1e-4 and kd_off.method == "kd" and ftkd_off.method == "ftkd"
+        for cfg in (kd_off, pesf_off, ftkd_off, kd_code, pesf_code, ftkd_code):
+            assert (cfg.label_adjust, cfg.teacher_bn, cfg.grad_accum, cfg.grad_accum_reset, cfg.drop_last,
+                    cfg.lr_overwrite, cfg.tau, cfg.alpha) == (True, "train", 4, "epoch", False, True, 6.0, 0.9)
+        for off, code in ((kd_off, kd_code), (pesf_off, pesf_code), (ftkd_off, ftkd_code)):
+            # the paper's values where the code's defaults conflict with them; the code's in *_codedefaults
+            assert (off.method, off.batch_size, off.w_ce, off.adapter_lr) == (code.method, 64, None, 1e-4)
+            assert (code.batch_size, code.w_ce) == (11, 1.0)
+        assert pesf_code.adapter_lr == 2e-5
+        for cfg in (pesf_off, pesf_code):
+            assert (cfg.student_target, cfg.adapter_form, cfg.teacher_kl, cfg.w_tce) == \
+                ("unadapted", "official", "official", 1.0)
+        for cfg in (ftkd_off, ftkd_code):
+            assert (cfg.teacher_lr, cfg.teacher_kl, cfg.w_tce) == (1e-4, "official", 0.5)
+        assert kd_off.method == "kd" and ftkd_off.method == "ftkd"
         if protocol:
             assert (kd.epochs, kd.lr_milestones) == (60, [37, 45, 52])
             assert kd.teacher_ckpt == f"runs/cifar/short/teachers/{kd.teacher}_s0/last.pt"

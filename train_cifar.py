@@ -74,6 +74,7 @@ class CifarConfig:
     crd_negatives: str = "other_class"      # other_class (RepDistiller's default) | uniform
     anchor_epochs: list[int] = field(default_factory=list)   # keep the model after these epochs (rco's anchors)
     anchors_dir: str | None = None          # rco: the teacher run's anchors/ folder
+    sftn_teacher_init: str = "scratch"      # sftn stage 1: scratch (as published) | checkpoint (teacher_ckpt, teacher_lr)
     # The authors' code as switches, the paper's text by default (README "Fidelity switches").
     teacher_bn: str = "eval"                # eval | train (frozen teacher on batch statistics)
     student_target: str = "adapted"         # adapted | unadapted (pesf: teacher before its head adapter)
@@ -217,12 +218,20 @@ def build_models(cfg: CifarConfig, log: engine.RunLog) -> tuple[nn.Module, nn.Mo
         teacher = models.build_model(cfg.teacher, NUM_CLASSES)
     if cfg.teacher_ckpt:
         models.load_checkpoint(teacher, checkpoints.load_file(cfg.teacher_ckpt, "teacher checkpoint"))
+    elif teacher_from_scratch(cfg):
+        log.print(f"{cfg.method}: the teacher starts from a random initialisation (sftn_teacher_init: scratch)")
     elif cfg.benchmark_steps:
         log.print("note: no --teacher-ckpt; benchmarking with a randomly initialised teacher")
     else:
         raise engine.ConfigError(f"method {cfg.method!r} needs a trained teacher: pass --teacher-ckpt "
                                  f"(train one with --method ce --student {cfg.teacher})")
     return student, teacher
+
+
+def teacher_from_scratch(cfg: CifarConfig) -> bool:
+    """SFTN as published (Park et al. 2021, sec. 3): its first stage trains the teacher from a random
+    initialisation with the student branches, not a converged teacher."""
+    return cfg.method == "sftn_teacher" and cfg.sftn_teacher_init == "scratch"
 
 
 # adapter_form -> the model's adapter kind: the paper's configurable adapter, or the authors' logit adapter.
@@ -243,6 +252,13 @@ def resolve(cfg: CifarConfig, dist: engine.Dist) -> tuple[CifarConfig, torch.dty
         raise engine.ConfigError("cuda_graph needs one process on a CUDA device (DDP's all-reduce is not captured)")
     if cfg.adapter_form not in ADAPTER_FORMS:
         raise engine.ConfigError(f"adapter_form must be {' or '.join(ADAPTER_FORMS)}, got {cfg.adapter_form!r}")
+    if cfg.sftn_teacher_init not in SFTN_TEACHER_INITS:
+        raise engine.ConfigError(f"sftn_teacher_init must be {' or '.join(SFTN_TEACHER_INITS)}, "
+                                 f"got {cfg.sftn_teacher_init!r}")
+    if cfg.method == "sftn" and cfg.sftn_teacher_init == "scratch" and cfg.teacher_ckpt:
+        raise engine.ConfigError(f"sftn trains its teacher from scratch (sftn_teacher_init: scratch), so teacher_ckpt "
+                                 f"{cfg.teacher_ckpt} would be unused: drop it, or fine-tune it with "
+                                 f"--set sftn_teacher_init=checkpoint")
     if cfg.grad_accum < 1 or (cfg.grad_accum > 1 and cfg.cuda_graph):
         raise engine.ConfigError(f"grad_accum must be >= 1, and 1 with cuda_graph: true; got {cfg.grad_accum}")
     out = run_folder(cfg)
@@ -261,10 +277,16 @@ def run_folder(cfg: CifarConfig) -> str:
     return f"runs/cifar/{cfg.method}_{pair}_s{cfg.seed}"
 
 
+SFTN_TEACHER_INITS = ("scratch", "checkpoint")
+
+
 def stage_config(cfg: CifarConfig, stage: stages.Stage, out: str,
                  source: tuple[str, stages.Stage] | None) -> CifarConfig:
-    """One stage of a multi-stage method: its method and network, taught by ``source``'s product if any."""
+    """One stage of a multi-stage method: its method and network, taught by ``source``'s product if any.
+    SFTN's teacher stage from scratch trains the teacher as its own protocol does: at the run's lr and epochs."""
     changes = dict(method=stage.method, out=out, student=cfg.assistant if stage.student == "assistant" else cfg.student)
+    if stage.trains == "teacher" and cfg.sftn_teacher_init == "scratch":
+        changes.update(teacher_ckpt=None, teacher_lr=cfg.lr)
     if source is not None:
         folder, made_by = source
         if made_by.trains == "teacher":

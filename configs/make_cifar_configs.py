@@ -73,7 +73,11 @@ ANCHOR_EPOCHS = [60, 120, 180]
 STAGED = [("takd", {"assistant": "resnet32"}, "TAKD (Mirzadeh et al. 2020), assistant resnet32"),
           ("rco", {"anchors_dir": "runs/cifar/teachers/resnet56_s0/anchors"},
            "RCO (Jin et al. 2019), anchors after teacher epochs 60/120/180 and the converged teacher"),
-          ("sftn", {}, "SFTN (Park et al. 2021), teacher fine-tuned with student branches, then KD")]
+          ("sftn", {}, "SFTN (Park et al. 2021), teacher trained from scratch with student branches (240 "
+                       "epochs, lr 0.05, as a teacher), then KD; --set sftn_teacher_init=checkpoint with teacher_ckpt "
+                       "fine-tunes the converged teacher instead")]
+# Stages that start from the converged teacher (SFTN as published trains its own from scratch).
+FROM_TEACHER = {"takd", "rco"}
 ROOT = Path(__file__).resolve().parent / "cifar"
 
 
@@ -132,9 +136,9 @@ def main() -> None:
               {"method": f"pesf+{name}", **pair, "label_adjust": False})
     teacher, student = STAGED_PAIR
     for method, extra, row in STAGED:
+        ckpt = {"teacher_ckpt": teacher_ckpt(teacher)} if method in FROM_TEACHER else {}
         write(ROOT / f"{teacher}_{student}" / f"{method}.yaml", f"Table 3's {row}: {teacher} -> {student}",
-              {"method": method, "teacher": teacher, "student": student, "teacher_ckpt": teacher_ckpt(teacher),
-               **extra})
+              {"method": method, "teacher": teacher, "student": student, **ckpt, **extra})
     for kind in ADAPTERS:
         write(ROOT / "vgg13_vgg8" / f"pesf_adapter_{kind}.yaml", f"Table 14, PESF-KD with a {kind} adapter: "
               f"vgg13 -> vgg8", {"method": "pesf", "teacher": "vgg13", "student": "vgg8",

@@ -32,12 +32,13 @@ class DistillConfig:
     teacher_bn: str = "eval"          # train: a frozen teacher's BatchNorm uses and updates batch statistics
     student_target: str = "adapted"   # unadapted: the student's KL target is the teacher before its head adapter
     teacher_kl: str = "paper"         # official: the teacher learns from KL_tau(t || adj(s).detach()) (pesf, ftkd)
+    teacher_params: str = "adapters"  # pesf, all: the whole teacher trains at adapter_lr (the authors' nlp/ code)
 
     def __post_init__(self) -> None:
         if self.crd_negatives not in CRD_NEGATIVES:
             raise ValueError(f"crd_negatives must be one of {', '.join(CRD_NEGATIVES)}, got {self.crd_negatives!r}")
         for name, valid in (("teacher_bn", ("eval", "train")), ("student_target", ("adapted", "unadapted")),
-                            ("teacher_kl", ("paper", "official"))):
+                            ("teacher_kl", ("paper", "official")), ("teacher_params", ("adapters", "all"))):
             if getattr(self, name) not in valid:
                 raise ValueError(f"{name} must be {' or '.join(valid)}, got {getattr(self, name)!r}")
 
@@ -71,6 +72,11 @@ class Distiller(nn.Module):
                 self.teacher.requires_grad_(False)
             elif self.teacher_mode == "adapters":
                 self.teacher.freeze_backbone(batch_stats=cfg.teacher_bn == "train")
+                if cfg.teacher_params == "all":
+                    # The authors' nlp/run_glue_distillation.py l. 91-92 meant to freeze the backbone, but
+                    # ``p.required_grad = False`` only sets a new attribute: every teacher parameter trains in the
+                    # adapters' group. The backbone keeps its eval mode (their teacher is never put in train()).
+                    self.teacher.requires_grad_(True)
 
     def train(self, mode: bool = True) -> "Distiller":
         super().train(mode)

@@ -11,8 +11,10 @@ import torch.nn.functional as F
 import engine
 import models
 import train_cifar
+from models.bert import BertConfig, BertForSequenceClassification
 from distillers import DistillConfig, build_distiller
 from train_cifar import CifarConfig
+from train_glue import GlueConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(teacher="resnet8", student="resnet8", epochs=1, batch_size=16, limit_batches=8, eval_batch_size=50,
@@ -304,3 +306,62 @@ def test_fit_wires_grad_accum_and_lr_overwrite(fake_cifar, teacher_ckpt, tmp_pat
 def test_lr_overwrite_needs_the_step_schedule(fake_cifar, teacher_ckpt, tmp_path):
     with pytest.raises(engine.ConfigError, match="lr_overwrite"):
         student_after(tmp_path, fake_cifar, teacher_ckpt, "kd_official", lr_schedule="cosine")
+
+
+def tiny_bert(layers: int, adapter: str | None = None) -> BertForSequenceClassification:
+    cfg = BertConfig(vocab_size=50, hidden_size=8, num_hidden_layers=layers, num_attention_heads=2,
+                     intermediate_size=12, max_position_embeddings=16)
+    model = BertForSequenceClassification(cfg, 3, adapter=adapter, bottleneck=4)
+    with torch.no_grad():
+        for p in model.parameters():     # larger than BERT's init, so that the adapter's offset is visible
+            p.normal_(0, 0.5)
+    return model
+
+
+def test_glue_pesf_official_trains_the_whole_teacher_at_the_adapter_lr_and_teaches_with_the_adapted_teacher():
+    """The authors' nlp/: the student's target is the adapted teacher (nlp/model.py l. 76-77), and the typo
+    ``p.required_grad = False`` (nlp/run_glue_distillation.py l. 91-92) leaves every teacher weight in the
+    teacher optimiser at its lr; the teacher itself never leaves eval mode (no dropout)."""
+    torch.manual_seed(0)
+    ids = torch.randint(1, 50, (4, 7))
+    x = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
+    y = torch.tensor([0, 2, 1, 2])
+    reached = {}
+    for params in ("all", "adapters"):
+        torch.manual_seed(1)
+        teacher = tiny_bert(4, "houlsby")
+        cfg = DistillConfig(alpha=0.5, tau=5.0, w_tce=0.5, label_adjust=False, adapter_lr=1e-5, teacher_params=params)
+        d = build_distiller("pesf", tiny_bert(2), teacher, cfg).double().train()
+        with torch.no_grad():
+            reference = copy.deepcopy(teacher).double().eval()
+            t_adapted = reference(x)
+            plain = BertForSequenceClassification(reference.config, 3).double().eval()   # the same weights, no adapter
+            plain.load_state_dict(reference.state_dict(), strict=False)
+            t_plain = plain(x)
+        s, losses = d(x, y)
+        torch.testing.assert_close(losses["kl"], 0.5 * kl64(t_adapted, s.detach(), 5.0), rtol=1e-9, atol=1e-12)
+        assert not torch.allclose(t_adapted, t_plain, rtol=1e-3, atol=1e-3)       # the adapter moves the target
+        [group] = [g for g in d.param_groups() if g["name"] == "adapters"]
+        trained = {id(p) for p in group["params"]}
+        assert group["lr"] == 1e-5 and not teacher.bert.training and not teacher.dropout.training
+        sum(losses.values()).backward()
+        reached[params] = teacher.bert.embeddings.word_embeddings.weight.grad is not None
+        if params == "all":
+            assert trained == {id(p) for p in teacher.parameters()}
+            assert d.updated_params() == models.count_trainable(d.student) + sum(p.numel() for p in teacher.parameters())
+        else:
+            assert trained == {id(p) for p in teacher.adapter_parameters()}
+    assert reached == {"all": True, "adapters": False}
+    with pytest.raises(ValueError, match="teacher_params must be adapters or all"):
+        DistillConfig(teacher_params="backbone")
+
+
+@pytest.mark.parametrize("task", ["rte", "sst2", "qqp"])
+def test_glue_official_presets_mirror_the_authors_nlp_code(task):
+    folder = ROOT / "configs" / "glue" / task
+    pesf = engine.build_config(GlueConfig, str(folder / "pesf_official.yaml"))
+    kd = engine.build_config(GlueConfig, str(folder / "kd_official.yaml"))
+    assert (pesf.method, pesf.label_adjust, pesf.teacher_params, pesf.adapter_lr) == ("pesf", False, "all", 1e-5)
+    assert (pesf.w_tce, kd.w_tce) == (1 - pesf.alpha, 1 - kd.alpha)
+    # no --use_adapter: the authors' loop still steps the teacher's optimiser (l. 216-218), the soft loss reaching it
+    assert (kd.method, kd.label_adjust, kd.teacher_lr) == ("ftkd", False, 1e-5)

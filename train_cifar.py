@@ -229,7 +229,7 @@ def build_models(cfg: CifarConfig, log: engine.RunLog) -> tuple[nn.Module, nn.Mo
 
 
 def teacher_from_scratch(cfg: CifarConfig) -> bool:
-    """SFTN as published (Park et al. 2021, sec. 3): its first stage trains the teacher from a random
+    """SFTN as published (Park et al., NeurIPS 2021): its first stage trains the teacher from a random
     initialisation with the student branches, not a converged teacher."""
     return cfg.method == "sftn_teacher" and cfg.sftn_teacher_init == "scratch"
 

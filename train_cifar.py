@@ -74,7 +74,7 @@ class CifarConfig:
     crd_negatives: str = "other_class"      # other_class (RepDistiller's default) | uniform
     anchor_epochs: list[int] = field(default_factory=list)   # keep the model after these epochs (rco's anchors)
     anchors_dir: str | None = None          # rco: the teacher run's anchors/ folder
-    sftn_teacher_init: str = "scratch"      # sftn stage 1: scratch (as published) | checkpoint (teacher_ckpt, teacher_lr)
+    sftn_teacher_init: str = "scratch"      # sftn stage 1: scratch (as published) | checkpoint (fine-tune teacher_ckpt)
     # The authors' code as switches, the paper's text by default (README "Fidelity switches").
     teacher_bn: str = "eval"                # eval | train (frozen teacher on batch statistics)
     student_target: str = "adapted"         # adapted | unadapted (pesf: teacher before its head adapter)
@@ -135,8 +135,8 @@ class DeviceBatches:
 
     Training: one permutation per epoch (seeded by seed and epoch, identical on every rank), each
     global batch split into equal per-rank slices, last partial batch dropped (static shapes for
-    the CUDA graph) unless ``drop_last`` is false (one process only); random crop with 4 pixels of zero padding and horizontal flip. Evaluation:
-    every image once, sharded across ranks, no augmentation.
+    the CUDA graph) unless ``drop_last`` is false (one process only); random crop with 4 pixels of
+    zero padding and horizontal flip. Evaluation: every image once, sharded across ranks, no augmentation.
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, device: torch.device,

@@ -63,7 +63,7 @@ class GlueConfig:
     w_tkl: float | None = None              # student-to-teacher KL weight (pesf, ftkd official); None: alpha
     w_ce: float | None = None               # the student's CE weight; None: 1 - alpha
     label_adjust: bool | None = None        # None: on for ftkd and pesf, off otherwise
-    teacher_params: str = "adapters"        # pesf: adapters | all (every teacher weight at adapter_lr, the authors' nlp/)
+    teacher_params: str = "adapters"        # pesf: adapters | all (the whole teacher at adapter_lr: the authors' nlp/)
     adapter: str = "houlsby"                # houlsby | lora | parallel
     adapter_slot: str = "head"              # head (pooled [CLS] feature) | layers (Houlsby, every layer)
     bottleneck: int = 32

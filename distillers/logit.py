@@ -164,7 +164,8 @@ class PESFDistiller(_WithFeatureTerm):
         else:
             teacher_kl = teacher_terms.kl_st
         losses = {"kl": self.cfg.alpha * terms.kl_ts, "ce": self.ce_weight() * terms.ce_s,
-                  "teacher_kl": self.teacher_kl_weight() * teacher_kl, "teacher_ce": self.cfg.w_tce * teacher_terms.ce_t}
+                  "teacher_kl": self.teacher_kl_weight() * teacher_kl,
+                  "teacher_ce": self.cfg.w_tce * teacher_terms.ce_t}
         self._add_feature_term(losses, s_feats, t_feats, y, index)
         return s, losses
 

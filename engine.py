@@ -562,6 +562,9 @@ class NonFiniteLoss(RuntimeError):
 # ----------------------------------------------------------------------------------------------
 # The training step: eager, or the whole step (forward, backward, optimiser) in one CUDA graph
 # ----------------------------------------------------------------------------------------------
+GRAD_ACCUM_RESETS = ("run", "epoch")
+
+
 class TrainStep:
     """Runs ``loss_fn(x, y, index) -> (logits, {name: loss})``, backward and the optimiser step.
 
@@ -574,11 +577,16 @@ class TrainStep:
     """
 
     def __init__(self, loss_fn, optimizer: torch.optim.Optimizer, amp_dtype: torch.dtype | None,
-                 device: torch.device, cuda_graph: bool = False, warmup: int = 3, grad_accum: int = 1) -> None:
+                 device: torch.device, cuda_graph: bool = False, warmup: int = 3, grad_accum: int = 1,
+                 grad_accum_reset: str = "run") -> None:
         if grad_accum < 1 or (grad_accum > 1 and cuda_graph and device.type == "cuda"):
             raise ConfigError(f"grad_accum must be >= 1 and needs cuda_graph off when > 1, got {grad_accum}")
+        if grad_accum_reset not in GRAD_ACCUM_RESETS:
+            raise ConfigError(f"grad_accum_reset must be {' or '.join(GRAD_ACCUM_RESETS)}, got {grad_accum_reset!r}")
         self.loss_fn = loss_fn
         self.grad_accum = grad_accum
+        self.grad_accum_reset = grad_accum_reset
+        self.pending = 0    # batches whose gradients are summed but not yet applied
         self.optimizer = optimizer
         self.amp_dtype = amp_dtype
         self.device = device
@@ -604,14 +612,19 @@ class TrainStep:
     def invalidate(self) -> None:
         self.graph = None
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor, batch: int | None = None) -> torch.Tensor:
+        """``batch``: the batch's position in its epoch (``grad_accum_reset: epoch`` counts by it)."""
         self.calls += 1
         if not self.cuda_graph:
-            # grad_accum: gradients of that many calls are summed (the authors' ``(idx + 1) % 4``), counted
-            # across epochs, so a remainder at the end of an epoch carries into the next one as there.
-            if (self.calls - 1) % self.grad_accum == 0:
+            # grad_accum: the gradients of N calls are summed before a step. "run" counts calls across epochs;
+            # "epoch" steps after batches N, 2N, ... of each epoch, as the authors' ``(idx + 1) % 4`` with idx
+            # from the epoch's enumerate: an epoch's remainder joins the next epoch's first step.
+            if self.pending == 0:
                 self.optimizer.zero_grad(set_to_none=True)
-            return self._step(x, y, index, update=self.calls % self.grad_accum == 0)
+            count = batch + 1 if self.grad_accum_reset == "epoch" and batch is not None else self.calls
+            update = count % self.grad_accum == 0
+            self.pending = 0 if update else self.pending + 1
+            return self._step(x, y, index, update=update)
         if self.calls <= self.warmup:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
@@ -888,7 +901,7 @@ def _train_epochs(cfg, dist_info: Dist, distiller, optimizer: torch.optim.Optimi
     if getattr(cfg, "lr_overwrite", False) and (cfg.lr_schedule != "step" or cfg.warmup_epochs):
         raise ConfigError("lr_overwrite mirrors the authors' step decays: it needs lr_schedule=step and no warm-up")
     step = TrainStep(distiller, optimizer, amp_dtype, device, cuda_graph=cfg.cuda_graph,
-                     grad_accum=getattr(cfg, "grad_accum", 1))
+                     grad_accum=getattr(cfg, "grad_accum", 1), grad_accum_reset=getattr(cfg, "grad_accum_reset", "run"))
     save_every = getattr(cfg, "save_every", 0)
 
     start_epoch, start_step, saved_sums, best, history = 0, 0, None, -math.inf, {}
@@ -910,6 +923,7 @@ def _train_epochs(cfg, dist_info: Dist, distiller, optimizer: torch.optim.Optimi
         start_step, saved_sums = ckpt.get("step", 0), ckpt.get("loss_sums")
         if "accum" in ckpt:
             step.calls = ckpt["accum"]["calls"]
+            step.pending = ckpt["accum"].get("pending", step.calls % step.grad_accum)
             params = [p for g in optimizer.param_groups for p in g["params"]]
             for p, grad in zip(params, ckpt["accum"]["grads"]):
                 p.grad = None if grad is None else grad.to(p.device)
@@ -930,8 +944,9 @@ def _train_epochs(cfg, dist_info: Dist, distiller, optimizer: torch.optim.Optimi
         if steps_done:
             ckpt.update(step=steps_done, loss_sums=sums.cpu())
         if step.grad_accum > 1:   # the accumulation's position and the gradients summed so far
-            ckpt["accum"] = {"calls": step.calls, "grads": [None if p.grad is None else p.grad.detach().cpu().clone()
-                                                            for g in optimizer.param_groups for p in g["params"]]}
+            grads = [None if p.grad is None else p.grad.detach().cpu().clone()
+                     for g in optimizer.param_groups for p in g["params"]]
+            ckpt["accum"] = {"calls": step.calls, "pending": step.pending, "grads": grads}
         return ckpt
 
     progress = Progress((cfg.epochs - start_epoch) * len(train) - start_step, log, cfg.log_every, _runs_to_follow)
@@ -957,7 +972,7 @@ def _train_epochs(cfg, dist_info: Dist, distiller, optimizer: torch.optim.Optimi
                 set_lr(optimizer, factor, overwrite=getattr(cfg, "lr_overwrite", False))
                 step.invalidate()
                 lr_now = factor
-            losses = step(x, y, index)
+            losses = step(x, y, index, batch=i)
             sums = losses if sums is None else sums + losses
             last = i + 1 == len(train)
             if (i + 1) % cfg.log_every == 0 or last:

@@ -64,7 +64,8 @@ class CifarConfig:
     alpha: float = 0.9
     tau: float = 4.0
     w_tce: float = 0.5
-    w_tkl: float | None = None              # PESF student-to-teacher KL weight; None: alpha
+    w_tkl: float | None = None              # student-to-teacher KL weight (pesf, ftkd official); None: alpha
+    w_ce: float | None = None               # the student's CE weight; None: 1 - alpha
     label_adjust: bool | None = None        # None: on for ftkd and pesf, off otherwise
     adapter: str = "houlsby"                # houlsby | lora | parallel
     adapter_slot: str = "head"              # head | stages
@@ -74,12 +75,15 @@ class CifarConfig:
     crd_negatives: str = "other_class"      # other_class (RepDistiller's default) | uniform
     anchor_epochs: list[int] = field(default_factory=list)   # keep the model after these epochs (rco's anchors)
     anchors_dir: str | None = None          # rco: the teacher run's anchors/ folder
+    sftn_teacher_init: str = "scratch"      # sftn stage 1: scratch (as published) | checkpoint (fine-tune teacher_ckpt)
     # The authors' code as switches, the paper's text by default (README "Fidelity switches").
     teacher_bn: str = "eval"                # eval | train (frozen teacher on batch statistics)
     student_target: str = "adapted"         # adapted | unadapted (pesf: teacher before its head adapter)
     adapter_form: str = "paper"             # paper (adapter/bottleneck) | official (the authors' logit adapter)
     teacher_kl: str = "paper"               # paper | official (pesf: KL_tau(t || adj(s).detach()))
     grad_accum: int = 1                     # batches whose gradients are summed per optimiser step
+    grad_accum_reset: str = "run"           # run (count across epochs) | epoch (the authors' per-epoch count)
+    drop_last: bool = True                  # false: also train on the last partial batch (one process)
     lr_overwrite: bool = False              # true: after a decay every group runs at the student's lr
     train_subset: int = 0                   # use only the first N training images (0: all)
     seed: int = 0
@@ -144,16 +148,19 @@ class DeviceBatches:
 
     Training: one permutation per epoch (seeded by seed and epoch, identical on every rank), each
     global batch split into equal per-rank slices, last partial batch dropped (static shapes for
-    the CUDA graph); random crop with 4 pixels of zero padding and horizontal flip. Evaluation:
-    every image once, sharded across ranks, no augmentation.
+    the CUDA graph) unless ``drop_last`` is false (one process only); random crop with 4 pixels of
+    zero padding and horizontal flip. Evaluation: every image once, sharded across ranks, no augmentation.
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, device: torch.device,
                  train: bool, seed: int = 0, rank: int = 0, world: int = 1, limit: int = 0,
-                 channels_last: bool = False) -> None:
+                 channels_last: bool = False, drop_last: bool = True) -> None:
         if train and batch_size % world:
             raise ValueError(f"batch_size {batch_size} must be divisible by the number of processes {world}")
+        if not drop_last and world > 1:
+            raise ValueError("drop_last: false keeps a partial batch that cannot be split evenly: one process only")
         self.train, self.seed, self.rank, self.world, self.limit = train, seed, rank, world, limit
+        self.drop_last = drop_last
         self.batch_size = batch_size
         self.labels = labels.to(device)
         pad = 4 if train else 0
@@ -166,7 +173,10 @@ class DeviceBatches:
 
     def __len__(self) -> int:
         n = len(self.labels)
-        steps = n // self.batch_size if self.train else -(-n // (self.batch_size * self.world))
+        if self.train:
+            steps = n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        else:
+            steps = -(-n // (self.batch_size * self.world))
         return min(steps, self.limit) if self.limit else steps
 
     def _normalise(self, x: torch.Tensor) -> torch.Tensor:
@@ -187,8 +197,8 @@ class DeviceBatches:
         per_rank = self.batch_size // self.world
         for i in range(len(self)):
             idx = order[i * self.batch_size + self.rank * per_rank:i * self.batch_size + (self.rank + 1) * per_rank]
-            shift = torch.randint(0, 9, (2, per_rank), generator=aug, device=self.device)
-            flip = torch.rand(per_rank, generator=aug, device=self.device) < 0.5
+            shift = torch.randint(0, 9, (2, len(idx)), generator=aug, device=self.device)
+            flip = torch.rand(len(idx), generator=aug, device=self.device) < 0.5
             rows = (shift[0, :, None] + self.offsets)[:, None, :, None]
             if i < start:
                 continue
@@ -221,12 +231,20 @@ def build_models(cfg: CifarConfig, log: engine.RunLog) -> tuple[nn.Module, nn.Mo
         teacher = models.build_model(cfg.teacher, NUM_CLASSES)
     if cfg.teacher_ckpt:
         models.load_checkpoint(teacher, checkpoints.load_file(cfg.teacher_ckpt, "teacher checkpoint"))
+    elif teacher_from_scratch(cfg):
+        log.print(f"{cfg.method}: the teacher starts from a random initialisation (sftn_teacher_init: scratch)")
     elif cfg.benchmark_steps:
         log.print("note: no --teacher-ckpt; benchmarking with a randomly initialised teacher")
     else:
         raise engine.ConfigError(f"method {cfg.method!r} needs a trained teacher: pass --teacher-ckpt "
                                  f"(train one with --method ce --student {cfg.teacher})")
     return student, teacher
+
+
+def teacher_from_scratch(cfg: CifarConfig) -> bool:
+    """SFTN as published (Park et al., NeurIPS 2021): its first stage trains the teacher from a random
+    initialisation with the student branches, not a converged teacher."""
+    return cfg.method == "sftn_teacher" and cfg.sftn_teacher_init == "scratch"
 
 
 # adapter_form -> the model's adapter kind: the paper's configurable adapter, or the authors' logit adapter.
@@ -247,6 +265,13 @@ def resolve(cfg: CifarConfig, dist: engine.Dist) -> tuple[CifarConfig, torch.dty
         raise engine.ConfigError("cuda_graph needs one process on a CUDA device (DDP's all-reduce is not captured)")
     if cfg.adapter_form not in ADAPTER_FORMS:
         raise engine.ConfigError(f"adapter_form must be {' or '.join(ADAPTER_FORMS)}, got {cfg.adapter_form!r}")
+    if cfg.sftn_teacher_init not in SFTN_TEACHER_INITS:
+        raise engine.ConfigError(f"sftn_teacher_init must be {' or '.join(SFTN_TEACHER_INITS)}, "
+                                 f"got {cfg.sftn_teacher_init!r}")
+    if cfg.method == "sftn" and cfg.sftn_teacher_init == "scratch" and cfg.teacher_ckpt:
+        raise engine.ConfigError(f"sftn trains its teacher from scratch (sftn_teacher_init: scratch), so teacher_ckpt "
+                                 f"{cfg.teacher_ckpt} would be unused: drop it, or fine-tune it with "
+                                 f"--set sftn_teacher_init=checkpoint")
     if cfg.grad_accum < 1 or (cfg.grad_accum > 1 and cfg.cuda_graph):
         raise engine.ConfigError(f"grad_accum must be >= 1, and 1 with cuda_graph: true; got {cfg.grad_accum}")
     out = run_folder(cfg)
@@ -265,10 +290,16 @@ def run_folder(cfg: CifarConfig) -> str:
     return f"runs/cifar/{cfg.method}_{pair}_s{cfg.seed}"
 
 
+SFTN_TEACHER_INITS = ("scratch", "checkpoint")
+
+
 def stage_config(cfg: CifarConfig, stage: stages.Stage, out: str,
                  source: tuple[str, stages.Stage] | None) -> CifarConfig:
-    """One stage of a multi-stage method: its method and network, taught by ``source``'s product if any."""
+    """One stage of a multi-stage method: its method and network, taught by ``source``'s product if any.
+    SFTN's teacher stage from scratch trains the teacher as its own protocol does: at the run's lr and epochs."""
     changes = dict(method=stage.method, out=out, student=cfg.assistant if stage.student == "assistant" else cfg.student)
+    if stage.trains == "teacher" and cfg.sftn_teacher_init == "scratch":
+        changes.update(teacher_ckpt=None, teacher_lr=cfg.lr)
     if source is not None:
         folder, made_by = source
         if made_by.trains == "teacher":
@@ -314,7 +345,7 @@ def train_steps(cfg: CifarConfig, dist: engine.Dist, amp_dtype: torch.dtype | No
             images, labels = images[:cfg.train_subset], labels[:cfg.train_subset]
         train = DeviceBatches(images, labels, cfg.batch_size, dist.device, train=True, seed=cfg.seed,
                               rank=dist.rank, world=dist.world, limit=cfg.limit_batches,
-                              channels_last=cfg.channels_last)
+                              channels_last=cfg.channels_last, drop_last=cfg.drop_last)
         test = DeviceBatches(*data["test"], per_rank_eval, dist.device, train=False, rank=dist.rank,
                              world=dist.world, limit=cfg.limit_batches, channels_last=cfg.channels_last)
     if len(train) == 0:

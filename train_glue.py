@@ -60,8 +60,10 @@ class GlueConfig:
     alpha: float = 0.5                      # KL weight; A.1 grid {0.3, 0.5, 0.8, 0.9}; PKD's alpha (Sun et al.)
     tau: float = 5.0                        # MetaDistil's code default (Zhou et al. 2022); PKD grid {5, 10, 20}
     w_tce: float = 0.5                      # teacher CE weight (A.1)
-    w_tkl: float | None = None              # PESF student-to-teacher KL weight; None: alpha
+    w_tkl: float | None = None              # student-to-teacher KL weight (pesf, ftkd official); None: alpha
+    w_ce: float | None = None               # the student's CE weight; None: 1 - alpha
     label_adjust: bool | None = None        # None: on for ftkd and pesf, off otherwise
+    teacher_params: str = "adapters"        # pesf: adapters | all (the whole teacher at adapter_lr: the authors' nlp/)
     adapter: str = "houlsby"                # houlsby | lora | parallel
     adapter_slot: str = "head"              # head (pooled [CLS] feature) | layers (Houlsby, every layer)
     bottleneck: int = 32

@@ -58,6 +58,7 @@ class ImagenetConfig:
     tau: float = 4.0
     w_tce: float = 0.5
     w_tkl: float | None = None
+    w_ce: float | None = None               # the student's CE weight; None: 1 - alpha
     label_adjust: bool | None = None
     adapter: str = "houlsby"
     adapter_slot: str = "head"

@@ -21,16 +21,33 @@ ROWS = [("kd", "kd", {}, "Vanilla KD"), ("dml", "dml", {}, "DML"), ("kdcl", "kdc
         ("ce", "ce", {}, "student trained from scratch (baseline)"),
         ("pkt", "kd+pkt", {}, "PKT"), ("crd", "kd+crd", {}, "CRD"), ("rkd", "kd+rkd", {}, "RKD"),
         ("kd_adj", "kd", {"label_adjust": True}, "Vanilla KD on the label-adjusted target (the missing control)")]
-# What the authors' code (github 1170300319/PESF-KD, cv/) does for each method, as switches (README
+# What the authors' code (github 1170300319/PESF-KD at d3f6aa8, cv/) does for each method, as switches (README
 # "Fidelity switches"): the teacher in train mode, the label-adjusted target for every method, 4 batches'
-# gradients summed per step, every group at the student's lr after a decay; PESF-KD's student target is
-# the teacher before its adapter, which is the authors' logit adapter with its own KL; FT-KD's teacher lr 1e-4.
-OFFICIAL = {"label_adjust": True, "teacher_bn": "train", "grad_accum": 4, "lr_overwrite": True}
+# gradients summed per step and counted per epoch over all 782 batches (no drop_last), every group at the
+# student's lr after a decay; PESF-KD's student target is the teacher before its adapter, which is the authors'
+# logit adapter with its own KL and a teacher CE of weight 1; FT-KD's teacher at lr 1e-4 learns from its own KL
+# and CE only. Where the paper gives no value the presets take the code's default (tau 6,
+# cv/train_student_DDP.py l. 88); where the two conflict they keep the paper's (batch 64, adapter lr 1e-4,
+# student CE weight 1 - alpha), and the *_codedefaults rows take the code's (README "Which source each preset
+# follows").
+OFFICIAL = {"label_adjust": True, "teacher_bn": "train", "grad_accum": 4, "grad_accum_reset": "epoch",
+            "drop_last": False, "lr_overwrite": True, "tau": 6.0}
+PESF_OFFICIAL = {**OFFICIAL, "student_target": "unadapted", "adapter_form": "official", "teacher_kl": "official",
+                 "w_tce": 1.0}
+FTKD_OFFICIAL = {**OFFICIAL, "teacher_lr": 1e-4, "teacher_kl": "official"}
+# The code's command-line defaults where they conflict with the paper (cv/train_student_DDP.py l. 49, 77, 85):
+# batch 11, CE weight gamma = 1 (alpha passed by hand: the paper's 0.9), adapter lr 2e-5.
+CODE_DEFAULTS = {"batch_size": 11, "w_ce": 1.0}
 OFFICIAL_ROWS = [
     ("kd_official", "kd", OFFICIAL, "Vanilla KD as the authors' code runs it"),
-    ("pesf_official", "pesf", {**OFFICIAL, "student_target": "unadapted", "adapter_form": "official",
-                               "teacher_kl": "official", "w_tce": 1.0}, "PESF-KD as the authors' code runs it"),
-    ("ftkd_official", "ftkd", {**OFFICIAL, "teacher_lr": 1e-4}, "FT-KD as the authors' code runs it")]
+    ("pesf_official", "pesf", PESF_OFFICIAL, "PESF-KD as the authors' code runs it"),
+    ("ftkd_official", "ftkd", FTKD_OFFICIAL, "FT-KD as the authors' code runs it"),
+    ("kd_codedefaults", "kd", {**OFFICIAL, **CODE_DEFAULTS},
+     "Vanilla KD as the authors' code runs it with its command-line defaults"),
+    ("pesf_codedefaults", "pesf", {**PESF_OFFICIAL, **CODE_DEFAULTS, "adapter_lr": 2e-5},
+     "PESF-KD as the authors' code runs it with its command-line defaults"),
+    ("ftkd_codedefaults", "ftkd", {**FTKD_OFFICIAL, **CODE_DEFAULTS},
+     "FT-KD as the authors' code runs it with its command-line defaults")]
 # configs/cifar/short/: the same teachers and Table 1 / 7 rows with the 240-epoch schedule compressed 4x
 # (decays at 150/180/210 -> 37/45/52); the students distil from the short protocol's own teachers.
 SHORT = {"epochs": 60, "lr_milestones": [37, 45, 52]}
@@ -56,7 +73,11 @@ ANCHOR_EPOCHS = [60, 120, 180]
 STAGED = [("takd", {"assistant": "resnet32"}, "TAKD (Mirzadeh et al. 2020), assistant resnet32"),
           ("rco", {"anchors_dir": "runs/cifar/teachers/resnet56_s0/anchors"},
            "RCO (Jin et al. 2019), anchors after teacher epochs 60/120/180 and the converged teacher"),
-          ("sftn", {}, "SFTN (Park et al. 2021), teacher fine-tuned with student branches, then KD")]
+          ("sftn", {}, "SFTN (Park et al. 2021), teacher trained from scratch with student branches (240 "
+                       "epochs, lr 0.05, as a teacher), then KD; --set sftn_teacher_init=checkpoint with teacher_ckpt "
+                       "fine-tunes the converged teacher instead")]
+# Stages that start from the converged teacher (SFTN as published trains its own from scratch).
+FROM_TEACHER = {"takd", "rco"}
 ROOT = Path(__file__).resolve().parent / "cifar"
 
 
@@ -115,9 +136,9 @@ def main() -> None:
               {"method": f"pesf+{name}", **pair, "label_adjust": False})
     teacher, student = STAGED_PAIR
     for method, extra, row in STAGED:
+        ckpt = {"teacher_ckpt": teacher_ckpt(teacher)} if method in FROM_TEACHER else {}
         write(ROOT / f"{teacher}_{student}" / f"{method}.yaml", f"Table 3's {row}: {teacher} -> {student}",
-              {"method": method, "teacher": teacher, "student": student, "teacher_ckpt": teacher_ckpt(teacher),
-               **extra})
+              {"method": method, "teacher": teacher, "student": student, **ckpt, **extra})
     for kind in ADAPTERS:
         write(ROOT / "vgg13_vgg8" / f"pesf_adapter_{kind}.yaml", f"Table 14, PESF-KD with a {kind} adapter: "
               f"vgg13 -> vgg8", {"method": "pesf", "teacher": "vgg13", "student": "vgg8",

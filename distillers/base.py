@@ -14,7 +14,8 @@ CRD_NEGATIVES = ("other_class", "uniform")
 @dataclass
 class DistillConfig:
     """Loss weights and learning rates shared by the methods; every value comes from the run config."""
-    alpha: float = 0.9          # weight of the KL term (1 - alpha on the student's CE)
+    alpha: float = 0.9          # weight of the KL term
+    w_ce: float | None = None   # weight of the student's CE; None: 1 - alpha (the authors' code: gamma = 1)
     tau: float = 4.0            # KD temperature
     w_tce: float = 0.5          # weight of the teacher's own CE (FT-KD, PESF-KD)
     w_tkl: float | None = None  # weight of PESF-KD's student-to-teacher KL; None: alpha
@@ -30,13 +31,14 @@ class DistillConfig:
     # The authors' code as switches (defaults: the paper's text; README "Fidelity switches").
     teacher_bn: str = "eval"          # train: a frozen teacher's BatchNorm uses and updates batch statistics
     student_target: str = "adapted"   # unadapted: the student's KL target is the teacher before its head adapter
-    teacher_kl: str = "paper"         # official: KL_tau(adapted t || adj(s).detach()), gradients through t
+    teacher_kl: str = "paper"         # official: the teacher learns from KL_tau(t || adj(s).detach()) (pesf, ftkd)
+    teacher_params: str = "adapters"  # pesf, all: the whole teacher trains at adapter_lr (the authors' nlp/ code)
 
     def __post_init__(self) -> None:
         if self.crd_negatives not in CRD_NEGATIVES:
             raise ValueError(f"crd_negatives must be one of {', '.join(CRD_NEGATIVES)}, got {self.crd_negatives!r}")
         for name, valid in (("teacher_bn", ("eval", "train")), ("student_target", ("adapted", "unadapted")),
-                            ("teacher_kl", ("paper", "official"))):
+                            ("teacher_kl", ("paper", "official")), ("teacher_params", ("adapters", "all"))):
             if getattr(self, name) not in valid:
                 raise ValueError(f"{name} must be {' or '.join(valid)}, got {getattr(self, name)!r}")
 
@@ -70,6 +72,11 @@ class Distiller(nn.Module):
                 self.teacher.requires_grad_(False)
             elif self.teacher_mode == "adapters":
                 self.teacher.freeze_backbone(batch_stats=cfg.teacher_bn == "train")
+                if cfg.teacher_params == "all":
+                    # The authors' nlp/run_glue_distillation.py l. 91-92 meant to freeze the backbone, but
+                    # ``p.required_grad = False`` only sets a new attribute: every teacher parameter trains in the
+                    # adapters' group. The backbone keeps its eval mode (their teacher is never put in train()).
+                    self.teacher.requires_grad_(True)
 
     def train(self, mode: bool = True) -> "Distiller":
         super().train(mode)
@@ -112,3 +119,11 @@ class Distiller(nn.Module):
 
     def use_label_adjust(self, default: bool) -> bool:
         return default if self.cfg.label_adjust is None else self.cfg.label_adjust
+
+    def ce_weight(self) -> float:
+        """The student's CE weight: ``w_ce``, or ``1 - alpha`` (the paper's eq. 4) when unset."""
+        return 1 - self.cfg.alpha if self.cfg.w_ce is None else self.cfg.w_ce
+
+    def teacher_kl_weight(self) -> float:
+        """The weight of a trained teacher's KL towards the student: ``w_tkl``, or alpha when unset."""
+        return self.cfg.alpha if self.cfg.w_tkl is None else self.cfg.w_tkl

@@ -95,13 +95,14 @@ class FeatureDistiller(_WithFeatureTerm):
 
 
 class KDDistiller(_WithFeatureTerm):
-    """Hinton et al. (2015): ``alpha * KL_tau(t || s) + (1 - alpha) * CE(s, y)``, teacher frozen."""
+    """Hinton et al. (2015): ``alpha * KL_tau(t || s) + w_ce * CE(s, y)`` (``w_ce`` = 1 - alpha unless set),
+    teacher frozen."""
 
     def forward(self, x, y, index=None):
         s, t, s_feats, t_feats = self._students_and_teachers(x, teacher_grad=False)
         terms = kd_core.distill_terms(s, t, y, self.cfg.tau, adjust=self.use_label_adjust(False),
                                       detach_targets=True, backend=self.cfg.backend)
-        losses = {"kl": self.cfg.alpha * terms.kl_ts, "ce": (1 - self.cfg.alpha) * terms.ce_s}
+        losses = {"kl": self.cfg.alpha * terms.kl_ts, "ce": self.ce_weight() * terms.ce_s}
         self._add_feature_term(losses, s_feats, t_feats, y, index)
         return s, losses
 
@@ -109,8 +110,11 @@ class KDDistiller(_WithFeatureTerm):
 class FTKDDistiller(Distiller):
     """FT-KD (PESF-KD sec. 3.1): the whole teacher trains with the student.
 
-    ``L_s = alpha * KL_tau(adj(t) || s) + (1 - alpha) * CE(s, y)`` with the teacher NOT detached in
-    the KL term, and ``L_t = w_tce * CE(t, y)``; no student-to-teacher KL term.
+    ``teacher_kl=paper`` (the paper's text): ``L_s = alpha * KL_tau(adj(t) || s) + w_ce * CE(s, y)`` with the
+    teacher NOT detached in the KL term, and ``L_t = w_tce * CE(t, y)``; no student-to-teacher KL term.
+    ``teacher_kl=official`` (the authors' cv/helper/loops.py, lines 133-139 and 167): the student's target
+    passes through numpy, so its KL sends the teacher no gradient; the teacher learns from
+    ``w_tkl * KL_tau(t || adj(s).detach()) + w_tce * CE(t, y)`` (``w_tkl`` defaults to alpha).
     """
 
     teacher_mode = "full"
@@ -118,16 +122,22 @@ class FTKDDistiller(Distiller):
     def forward(self, x, y, index=None):
         t = self.teacher(x)
         s = self.student(x)
-        terms = kd_core.distill_terms(s, t, y, self.cfg.tau, adjust=self.use_label_adjust(True),
-                                      detach_targets=False, backend=self.cfg.backend)
-        return s, {"kl": self.cfg.alpha * terms.kl_ts, "ce": (1 - self.cfg.alpha) * terms.ce_s,
-                   "teacher_ce": self.cfg.w_tce * terms.ce_t}
+        official = self.cfg.teacher_kl == "official"
+        adjust = self.use_label_adjust(True)
+        terms = kd_core.distill_terms(s, t, y, self.cfg.tau, adjust=adjust, detach_targets=official,
+                                      backend=self.cfg.backend)
+        losses = {"kl": self.cfg.alpha * terms.kl_ts, "ce": self.ce_weight() * terms.ce_s,
+                  "teacher_ce": self.cfg.w_tce * terms.ce_t}
+        if official:
+            student_target = (kd_core.label_adjust(s, y) if adjust else s).detach()
+            losses["teacher_kl"] = self.teacher_kl_weight() * kd_core.kl_div(t, student_target, self.cfg.tau)
+        return s, losses
 
 
 class PESFDistiller(_WithFeatureTerm):
     """PESF-KD (sec. 3.2): a frozen teacher whose adapters learn from the labels and the student.
 
-    ``L_s = alpha * KL_tau(adj(t).detach() || s) + (1 - alpha) * CE(s, y)``,
+    ``L_s = alpha * KL_tau(adj(t).detach() || s) + w_ce * CE(s, y)`` (``w_ce`` = 1 - alpha unless set),
     ``L_t = w_tkl * KL_tau(adj(s).detach() || t) + w_tce * CE(t, y)`` (``w_tkl`` defaults to alpha);
     only the adapters are updated. The authors' code (cv/helper/loops.py) differs in two switches:
     ``student_target=unadapted`` puts the teacher's logits before its head adapter in the student's KL;
@@ -153,9 +163,9 @@ class PESFDistiller(_WithFeatureTerm):
             teacher_kl = kd_core.kl_div(t, (kd_core.label_adjust(s, y) if adjust else s).detach(), tau)
         else:
             teacher_kl = teacher_terms.kl_st
-        w_tkl = self.cfg.alpha if self.cfg.w_tkl is None else self.cfg.w_tkl
-        losses = {"kl": self.cfg.alpha * terms.kl_ts, "ce": (1 - self.cfg.alpha) * terms.ce_s,
-                  "teacher_kl": w_tkl * teacher_kl, "teacher_ce": self.cfg.w_tce * teacher_terms.ce_t}
+        losses = {"kl": self.cfg.alpha * terms.kl_ts, "ce": self.ce_weight() * terms.ce_s,
+                  "teacher_kl": self.teacher_kl_weight() * teacher_kl,
+                  "teacher_ce": self.cfg.w_tce * teacher_terms.ce_t}
         self._add_feature_term(losses, s_feats, t_feats, y, index)
         return s, losses
 

@@ -296,6 +296,32 @@ def test_init_stage_trains_the_paraphraser_and_defaults_per_method(fake_cifar, t
     assert not any(p.requires_grad for p in distiller.feature_term.paraphraser.parameters())
 
 
+@pytest.mark.parametrize("student_arch, lr", [("resnet8", 0.01), ("vgg8", 0.05)])
+def test_ft_init_stage_runs_as_repdistillers_init(fake_cifar, student_arch, lr):
+    """RepDistiller helper/pretrain.py l. 12-31 and 68-83 (train_student.py l. 239-248): the teacher in eval
+    mode, the paraphraser alone trained by SGD (momentum 0.9, weight decay 5e-4) at a constant lr of 0.01 when
+    the student is a CIFAR ResNet or WRN, else the student's lr, one step per batch on the MSE of the
+    reconstructed teacher's last stage."""
+    cfg = train_cifar.CifarConfig(method="ft", teacher="resnet8", student=student_arch, init_epochs=1)
+    torch.manual_seed(0)
+    student, teacher = models.build_model(student_arch, 100), models.build_model("resnet8", 100)
+    distiller = build_distiller("ft", student, teacher, DistillConfig.from_run_config(cfg), num_train=160)
+    images, labels = train_cifar.load_cifar100(fake_cifar)["train"]
+    batches = train_cifar.DeviceBatches(images, labels, 16, torch.device("cpu"), train=True, limit=1)
+    made, teacher_modes = [], []
+    teacher.register_forward_hook(lambda module, *_: teacher_modes.append(module.training))
+
+    def sgd(params, stage_lr):
+        made.append(train_cifar.sgd(params, stage_lr, cfg))    # the optimiser train_cifar.run gives the stage
+        return made[-1]
+
+    fm.run_init_stage(distiller, batches, sgd, log=lambda _: None)
+    [group] = made[0].param_groups
+    assert (type(made[0]), group["lr"], group["momentum"], group["weight_decay"]) == (torch.optim.SGD, lr, 0.9, 5e-4)
+    assert {id(p) for p in group["params"]} == {id(p) for p in distiller.feature_term.paraphraser.parameters()}
+    assert teacher_modes == [False]
+
+
 def capture_distillers(monkeypatch) -> list:
     built = []
     original = train_cifar.build_distiller

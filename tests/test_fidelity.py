@@ -11,8 +11,10 @@ import torch.nn.functional as F
 import engine
 import models
 import train_cifar
+from models.bert import BertConfig, BertForSequenceClassification
 from distillers import DistillConfig, build_distiller
 from train_cifar import CifarConfig
+from train_glue import GlueConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(teacher="resnet8", student="resnet8", epochs=1, batch_size=16, limit_batches=8, eval_batch_size=50,
@@ -109,6 +111,39 @@ def test_pesf_official_switches_match_their_equations():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in teacher.adapter.parameters())
 
 
+def test_ftkd_official_teacher_learns_only_from_its_own_kl_and_ce():
+    """teacher_kl=official for ftkd (the authors' cv/helper/loops.py l. 133-139, 167): the student's target
+    adj(t) goes through numpy, so the student's KL reaches no teacher parameter; the teacher's loss is
+    w_tkl * KL_tau(t || adj(s).detach()) + w_tce * CE(t, y). The paper's text (default) has no teacher KL
+    and lets the student's KL train the teacher."""
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 100, (8,))
+    for mode in ("official", "paper"):
+        teacher = models.build_model("resnet8", 100)
+        cfg = DistillConfig(alpha=0.7, tau=3.0, w_tce=0.45, w_tkl=0.2, w_ce=0.35, teacher_kl=mode)
+        d = build_distiller("ftkd", models.build_model("resnet8", 100), teacher, cfg).train()
+        with torch.no_grad():
+            t64 = copy.deepcopy(teacher).train()(x).double()     # the trained teacher runs in train mode
+        s, losses = d(x, y)
+        s64 = s.detach().double()
+        torch.testing.assert_close(losses["kl"].double(), 0.7 * kl64(adj64(t64, y), s64, 3.0), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(losses["ce"].double(), 0.35 * F.cross_entropy(s64, y), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(losses["teacher_ce"].double(), 0.45 * F.cross_entropy(t64, y), rtol=1e-5,
+                                   atol=1e-6)
+        losses["kl"].backward(retain_graph=True)
+        reached = [p.grad is not None and p.grad.abs().sum() > 0 for p in teacher.parameters()]
+        assert any(reached) == (mode == "paper"), mode
+        if mode == "paper":
+            assert "teacher_kl" not in losses
+            continue
+        torch.testing.assert_close(losses["teacher_kl"].double(), 0.2 * kl64(t64, adj64(s64, y), 3.0), rtol=1e-5,
+                                   atol=1e-6)
+        d.zero_grad(set_to_none=True)
+        losses["teacher_kl"].backward()
+        assert all(p.grad is None for p in d.student.parameters())
+        assert teacher.fc.weight.grad.abs().sum() > 0
+
+
 def test_grad_accum_sums_gradients_of_n_batches_per_step():
     torch.manual_seed(0)
     model = torch.nn.Linear(5, 3, bias=False)
@@ -128,6 +163,62 @@ def test_grad_accum_sums_gradients_of_n_batches_per_step():
             sum(F.cross_entropy(F.linear(xb.double(), w_), yb) for xb, yb in batches[i - 1:i + 1]).backward()
             w = w - 0.5 * w_.grad
         torch.testing.assert_close(model.weight.detach().double(), w, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("reset", ["epoch", "run"])
+def test_grad_accum_reset_epoch_counts_as_the_authors_loop_on_a_782_batch_epoch(reset):
+    """The authors' cv/helper/loops.py l. 97 and 263-267: ``(idx + 1) % 4`` with idx from each epoch's
+    enumerate, zero_grad only after a step. 50,000 images at batch 64 without drop_last are 782 batches: epoch
+    1 steps after batches 4, 8, ..., 780; batches 781-782 join epoch 2's first step (6 batches). Counted over
+    the run instead, epoch 2's first step comes after 2 of its batches (4 in all)."""
+    torch.manual_seed(0)
+    epochs, per_epoch, batches = 2, 782, [(torch.randn(2, 5, dtype=torch.float64), torch.randint(0, 3, (2,)))
+                                          for _ in range(782)]
+    model = torch.nn.Linear(5, 3, bias=False).double()
+    reference = copy.deepcopy(model)
+    stepped_after = []
+
+    def loss_fn(x, y, index):
+        out = model(x)
+        return out, {"ce": F.cross_entropy(out, y)}
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    step = engine.TrainStep(loss_fn, opt, None, torch.device("cpu"), grad_accum=4, grad_accum_reset=reset)
+    opt.register_step_post_hook(lambda *_: stepped_after.append(step.calls))
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
+    count = 0
+    for _ in range(epochs):
+        for idx, (x, y) in enumerate(batches):
+            step(x, y, None, batch=idx)
+            F.cross_entropy(reference(x), y).backward()      # the reference loop, written as theirs
+            count += 1
+            if ((idx if reset == "epoch" else count - 1) + 1) % 4 == 0:
+                ref_opt.step()
+                ref_opt.zero_grad()
+    assert len(batches) == per_epoch
+    first_in_epoch_2 = next(c for c in stepped_after if c > per_epoch)
+    assert first_in_epoch_2 - max(c for c in stepped_after if c <= per_epoch) == (6 if reset == "epoch" else 4)
+    assert first_in_epoch_2 == (per_epoch + 4 if reset == "epoch" else per_epoch + 2)
+    assert len(stepped_after) == (2 * 195 if reset == "epoch" else 391)
+    torch.testing.assert_close(model.weight, reference.weight, rtol=1e-12, atol=1e-12)
+    with pytest.raises(engine.ConfigError, match="grad_accum_reset"):
+        engine.TrainStep(loss_fn, opt, None, torch.device("cpu"), grad_accum=4, grad_accum_reset="step")
+
+
+def test_fit_keeps_the_last_partial_batch_and_counts_grad_accum_per_epoch(fake_cifar, teacher_ckpt, tmp_path):
+    """88 images at batch 16 without drop_last: 6 batches per epoch (the last of 8). Per-epoch counting with
+    grad_accum 4 steps after batch 4 of each epoch, so 2 batches are pending after each epoch; counted over the
+    run, 12 batches are 3 full steps and none is pending."""
+    pending = {}
+    for reset in ("epoch", "run"):
+        preset = dict(epochs=2, limit_batches=0, train_subset=88, drop_last=False, grad_accum_reset=reset,
+                      out=str(tmp_path / reset))
+        student_after(tmp_path, fake_cifar, teacher_ckpt, "kd_official", **preset)
+        ckpt = torch.load(tmp_path / reset / "last.pt", weights_only=False)
+        pending[reset] = (ckpt["accum"]["calls"], ckpt["accum"]["pending"])
+        rows = (tmp_path / reset / "metrics.jsonl").read_text().splitlines()
+        assert len(rows) == 2
+    assert pending == {"epoch": (12, 2), "run": (12, 0)}
 
 
 def test_lr_overwrite_sets_every_group_to_the_students_lr_after_a_decay():
@@ -153,12 +244,22 @@ def test_presets_switch_on_what_the_authors_code_does(protocol):
         load = lambda stem: engine.build_config(CifarConfig, str(folder / f"{stem}.yaml"))  # noqa: E731
         kd, kd_adj, kd_off, pesf_off, ftkd_off = map(load, ("kd", "kd_adj", "kd_official", "pesf_official",
                                                              "ftkd_official"))
+        kd_code, pesf_code, ftkd_code = map(load, ("kd_codedefaults", "pesf_codedefaults", "ftkd_codedefaults"))
         assert kd.label_adjust is None and kd_adj.label_adjust is True and kd_adj.teacher_bn == "eval"
-        for cfg in (kd_off, pesf_off, ftkd_off):
-            assert (cfg.label_adjust, cfg.teacher_bn, cfg.grad_accum, cfg.lr_overwrite) == (True, "train", 4, True)
-        assert (pesf_off.student_target, pesf_off.adapter_form, pesf_off.teacher_kl, pesf_off.w_tce) == \
-            ("unadapted", "official", "official", 1.0)
-        assert ftkd_off.teacher_lr == 1e-4 and kd_off.method == "kd" and ftkd_off.method == "ftkd"
+        for cfg in (kd_off, pesf_off, ftkd_off, kd_code, pesf_code, ftkd_code):
+            assert (cfg.label_adjust, cfg.teacher_bn, cfg.grad_accum, cfg.grad_accum_reset, cfg.drop_last,
+                    cfg.lr_overwrite, cfg.tau, cfg.alpha) == (True, "train", 4, "epoch", False, True, 6.0, 0.9)
+        for off, code in ((kd_off, kd_code), (pesf_off, pesf_code), (ftkd_off, ftkd_code)):
+            # the paper's values where the code's defaults conflict with them; the code's in *_codedefaults
+            assert (off.method, off.batch_size, off.w_ce, off.adapter_lr) == (code.method, 64, None, 1e-4)
+            assert (code.batch_size, code.w_ce) == (11, 1.0)
+        assert pesf_code.adapter_lr == 2e-5
+        for cfg in (pesf_off, pesf_code):
+            assert (cfg.student_target, cfg.adapter_form, cfg.teacher_kl, cfg.w_tce) == \
+                ("unadapted", "official", "official", 1.0)
+        for cfg in (ftkd_off, ftkd_code):
+            assert (cfg.teacher_lr, cfg.teacher_kl, cfg.w_tce) == (1e-4, "official", 0.5)
+        assert kd_off.method == "kd" and ftkd_off.method == "ftkd"
         if protocol:
             assert (kd.epochs, kd.lr_milestones) == (60, [37, 45, 52])
             assert kd.teacher_ckpt == f"runs/cifar/short/teachers/{kd.teacher}_s0/last.pt"
@@ -166,11 +267,11 @@ def test_presets_switch_on_what_the_authors_code_does(protocol):
 
 
 def student_after(tmp_path, data, ckpt, preset: str, **keys) -> dict:
+    keys.setdefault("out", str(tmp_path / preset))
     cfg = engine.build_config(CifarConfig, str(ROOT / "configs/cifar/resnet56_resnet20" / f"{preset}.yaml"),
-                              overrides={**TINY, "teacher_ckpt": str(ckpt), "data_dir": str(data),
-                                         "out": str(tmp_path / preset), **keys})
+                              overrides={**TINY, "teacher_ckpt": str(ckpt), "data_dir": str(data), **keys})
     train_cifar.run(cfg)
-    return torch.load(tmp_path / preset / "last.pt", weights_only=False)["distiller"]["student"]
+    return torch.load(Path(keys["out"]) / "last.pt", weights_only=False)["distiller"]["student"]
 
 
 def test_pesf_official_student_is_the_kd_official_student(fake_cifar, teacher_ckpt, tmp_path):
@@ -205,3 +306,63 @@ def test_fit_wires_grad_accum_and_lr_overwrite(fake_cifar, teacher_ckpt, tmp_pat
 def test_lr_overwrite_needs_the_step_schedule(fake_cifar, teacher_ckpt, tmp_path):
     with pytest.raises(engine.ConfigError, match="lr_overwrite"):
         student_after(tmp_path, fake_cifar, teacher_ckpt, "kd_official", lr_schedule="cosine")
+
+
+def tiny_bert(layers: int, adapter: str | None = None) -> BertForSequenceClassification:
+    cfg = BertConfig(vocab_size=50, hidden_size=8, num_hidden_layers=layers, num_attention_heads=2,
+                     intermediate_size=12, max_position_embeddings=16)
+    model = BertForSequenceClassification(cfg, 3, adapter=adapter, bottleneck=4)
+    with torch.no_grad():
+        for p in model.parameters():     # larger than BERT's init, so that the adapter's offset is visible
+            p.normal_(0, 0.5)
+    return model
+
+
+def test_glue_pesf_official_trains_the_whole_teacher_at_the_adapter_lr_and_teaches_with_the_adapted_teacher():
+    """The authors' nlp/: the student's target is the adapted teacher (nlp/model.py l. 76-77), and the typo
+    ``p.required_grad = False`` (nlp/run_glue_distillation.py l. 91-92) leaves every teacher weight in the
+    teacher optimiser at its lr; the teacher itself never leaves eval mode (no dropout)."""
+    torch.manual_seed(0)
+    ids = torch.randint(1, 50, (4, 7))
+    x = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
+    y = torch.tensor([0, 2, 1, 2])
+    reached = {}
+    for params in ("all", "adapters"):
+        torch.manual_seed(1)
+        teacher = tiny_bert(4, "houlsby")
+        cfg = DistillConfig(alpha=0.5, tau=5.0, w_tce=0.5, label_adjust=False, adapter_lr=1e-5, teacher_params=params)
+        d = build_distiller("pesf", tiny_bert(2), teacher, cfg).double().train()
+        with torch.no_grad():
+            reference = copy.deepcopy(teacher).double().eval()
+            t_adapted = reference(x)
+            plain = BertForSequenceClassification(reference.config, 3).double().eval()   # the same weights, no adapter
+            plain.load_state_dict(reference.state_dict(), strict=False)
+            t_plain = plain(x)
+        s, losses = d(x, y)
+        torch.testing.assert_close(losses["kl"], 0.5 * kl64(t_adapted, s.detach(), 5.0), rtol=1e-9, atol=1e-12)
+        assert not torch.allclose(t_adapted, t_plain, rtol=1e-3, atol=1e-3)       # the adapter moves the target
+        [group] = [g for g in d.param_groups() if g["name"] == "adapters"]
+        trained = {id(p) for p in group["params"]}
+        assert group["lr"] == 1e-5 and not teacher.bert.training and not teacher.dropout.training
+        sum(losses.values()).backward()
+        reached[params] = teacher.bert.embeddings.word_embeddings.weight.grad is not None
+        if params == "all":
+            assert trained == {id(p) for p in teacher.parameters()}
+            whole = sum(p.numel() for p in teacher.parameters())
+            assert d.updated_params() == models.count_trainable(d.student) + whole
+        else:
+            assert trained == {id(p) for p in teacher.adapter_parameters()}
+    assert reached == {"all": True, "adapters": False}
+    with pytest.raises(ValueError, match="teacher_params must be adapters or all"):
+        DistillConfig(teacher_params="backbone")
+
+
+@pytest.mark.parametrize("task", ["rte", "sst2", "qqp"])
+def test_glue_official_presets_mirror_the_authors_nlp_code(task):
+    folder = ROOT / "configs" / "glue" / task
+    pesf = engine.build_config(GlueConfig, str(folder / "pesf_official.yaml"))
+    kd = engine.build_config(GlueConfig, str(folder / "kd_official.yaml"))
+    assert (pesf.method, pesf.label_adjust, pesf.teacher_params, pesf.adapter_lr) == ("pesf", False, "all", 1e-5)
+    assert (pesf.w_tce, kd.w_tce) == (1 - pesf.alpha, 1 - kd.alpha)
+    # no --use_adapter: the authors' loop still steps the teacher's optimiser (l. 216-218), the soft loss reaching it
+    assert (kd.method, kd.label_adjust, kd.teacher_lr) == ("ftkd", False, 1e-5)

@@ -129,6 +129,33 @@ def test_sftn_stage_trains_teacher_bridges_and_the_grafted_student_blocks_only(f
     assert set(ckpt["distiller"]["branches"]) >= {"bridges.0.0.weight", "bridges.1.0.weight"}
 
 
+def test_sftn_trains_its_teacher_from_scratch_unless_told_to_fine_tune(fake_cifar, teacher_ckpt, tmp_path):
+    """Park et al. (2021) train the teacher from a random initialisation with the student branches, at the
+    teacher's own protocol (here the run's lr and epochs); sftn_teacher_init=checkpoint fine-tunes teacher_ckpt
+    at teacher_lr. With lr 0 the stage-1 teacher's weights stay what it started from."""
+    common = {**TINY, "data_dir": str(fake_cifar), "lr": 0.0, "teacher_lr": 0.5}
+    summary = train_cifar.run(CifarConfig(**common, method="sftn", out=str(tmp_path / "scratch")))
+    stage1 = engine.build_config(CifarConfig, str(tmp_path / "scratch" / "teacher" / "config.yaml"))
+    assert (stage1.method, stage1.teacher_ckpt, stage1.teacher_lr) == ("sftn_teacher", None, 0.0)
+    engine.seed_everything(0)                               # the run's seed
+    models.build_model("resnet8", 100)                      # the student is built first
+    fresh = models.build_model("resnet8", 100).state_dict()
+    trained = torch.load(tmp_path / "scratch" / "teacher" / "teacher.pt")["model"]
+    given = torch.load(teacher_ckpt)["model"]
+    assert torch.equal(trained["conv1.weight"], fresh["conv1.weight"])
+    assert not torch.equal(trained["conv1.weight"], given["conv1.weight"])
+    assert summary["train_time_s"] == pytest.approx(sum(s["train_time_s"] for s in summary["stages"].values()))
+
+    train_cifar.run(CifarConfig(**common, method="sftn", sftn_teacher_init="checkpoint", teacher_ckpt=str(teacher_ckpt),
+                                out=str(tmp_path / "finetune")))
+    stage1 = engine.build_config(CifarConfig, str(tmp_path / "finetune" / "teacher" / "config.yaml"))
+    assert (stage1.teacher_ckpt, stage1.teacher_lr) == (str(teacher_ckpt), 0.5)
+    moved = torch.load(tmp_path / "finetune" / "teacher" / "teacher.pt")["model"]
+    assert not torch.equal(moved["conv1.weight"], given["conv1.weight"])   # fine-tuned at teacher_lr 0.5
+    with pytest.raises(engine.ConfigError, match="teacher_ckpt .* would be unused"):
+        train_cifar.run(CifarConfig(**common, method="sftn", teacher_ckpt=str(teacher_ckpt), out=str(tmp_path / "x")))
+
+
 def test_bert_branches_start_as_the_student_layers_on_the_teachers_hidden_states():
     torch.manual_seed(0)
     config = dict(vocab_size=50, hidden_size=16, num_hidden_layers=6, num_attention_heads=2, intermediate_size=32,
@@ -213,7 +240,8 @@ def test_takd_sftn_rco_on_real_cifar(cifar_dir, fake_cifar, teacher_ckpt, tmp_pa
     with pytest.raises(engine.ConfigError, match="benchmark"):
         train_cifar.run(CifarConfig(**common, method="takd", benchmark_steps=2, out=str(tmp_path / "bench")))
 
-    sftn = train_cifar.run(CifarConfig(**common, method="sftn", out=str(tmp_path / "sftn")))
+    sftn = train_cifar.run(CifarConfig(**common, method="sftn", sftn_teacher_init="checkpoint",
+                                       out=str(tmp_path / "sftn")))
     final = engine.build_config(CifarConfig, str(tmp_path / "sftn" / "config.yaml"))
     assert final.method == "kd" and final.teacher_ckpt == str(tmp_path / "sftn" / "teacher" / "teacher.pt")
     assert sftn["stages"]["student"]["updated_params"] == count("resnet8")

@@ -85,11 +85,15 @@ def test_resume_with_dropout_is_bit_identical(fake_cifar, tmp_path, monkeypatch)
     assert [r["lr_student"] for r in rows] == pytest.approx(expected, rel=1e-12)
 
 
-def test_resume_inside_a_gradient_accumulation_is_bit_identical(fake_cifar, tmp_path, monkeypatch):
-    """grad_accum 3 with 2 batches per epoch: epoch 1 ends with two batches' gradients pending (the count runs
-    across epochs, as the authors' ``(idx + 1) % 4``); the checkpoint keeps them and the position, so the resumed
-    run takes its one optimiser step on the same batch, with the same summed gradient, as the straight run."""
-    a, b = straight_and_resumed(tmp_path, fake_cifar, monkeypatch, method="ce", student="resnet8", grad_accum=3)
+@pytest.mark.parametrize("reset, accum, batches", [("run", 3, 2), ("epoch", 2, 3)])
+def test_resume_inside_a_gradient_accumulation_is_bit_identical(fake_cifar, tmp_path, monkeypatch, reset, accum,
+                                                                batches):
+    """Epoch 1 ends with gradients pending: grad_accum 3 over 2 batches per epoch counted over the run, or
+    grad_accum 2 over 3 batches counted per epoch (the authors' ``(idx + 1) % 4``: batch 3 joins epoch 2's first
+    step); the checkpoint keeps them and the position, so the resumed run takes its optimiser step on the same
+    batch, with the same summed gradient, as the straight run."""
+    a, b = straight_and_resumed(tmp_path, fake_cifar, monkeypatch, method="ce", student="resnet8", grad_accum=accum,
+                                grad_accum_reset=reset, limit_batches=batches)
     assert_same_state(a, b)
     torch.manual_seed(0)
     init = models.build_model("resnet8", 100).state_dict()

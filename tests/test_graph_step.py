@@ -1,0 +1,79 @@
+"""The graphed training step without a GPU: ``engine.EagerGraphs`` runs TrainStep's graph bookkeeping (static
+inputs, the optimiser reading its lr from tensors, one capture per input shape) on a CPU, so the per-step
+schedule of a graphed run is checked here against an eager run and a float64 formula."""
+import math
+
+import pytest
+import torch
+
+import engine
+import models
+import train_cifar
+from distillers import DistillConfig, build_distiller
+from train_cifar import CifarConfig
+
+N_TRAIN, BATCH, EPOCHS, BASE_LR = 20, 4, 3, 0.05
+STEPS = N_TRAIN // BATCH
+
+
+def expected_lr(schedule: str, step: int) -> float:
+    """The lr of global step ``step`` by hand (SPEC's schedules; per step except ``step``, set per epoch)."""
+    epoch = step / STEPS
+    if schedule == "cosine":
+        return BASE_LR * 0.5 * (1 + math.cos(math.pi * epoch / EPOCHS))
+    if schedule == "linear":   # warm-up over the first epoch (reaching 1 on its last step), then down to 0
+        if epoch < 1:
+            return BASE_LR * min(1.0, (epoch + 1 / STEPS) / 1)
+        return BASE_LR * (EPOCHS - epoch) / (EPOCHS - 1)
+    return BASE_LR * 0.1 ** (step // STEPS >= 2)   # step: milestone at epoch 2
+
+
+def lrs_applied(schedule: str, graphed: bool, tmp_path, monkeypatch) -> tuple[list[float], list[bool], int]:
+    """Train a resnet8 for 3 epochs with SGD without momentum or weight decay, so that each optimiser step
+    moves every weight by -lr * grad: the lr each step applied, read back from the classifier's weights;
+    whether each step read its lr from a tensor (what a CUDA graph replays; a float is baked in); captures."""
+    graphs = engine.EagerGraphs()
+    monkeypatch.setattr(engine, "graph_backend", lambda device: graphs)
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (N_TRAIN + 8, 3, 32, 32), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, 3, (N_TRAIN + 8,), generator=g)
+    cpu = torch.device("cpu")
+    train = train_cifar.DeviceBatches(images[:N_TRAIN], labels[:N_TRAIN], BATCH, cpu, train=True)
+    test = train_cifar.DeviceBatches(images[N_TRAIN:], labels[N_TRAIN:], 8, cpu, train=False)
+    distiller = build_distiller("ce", models.build_model("resnet8", 3), None, DistillConfig(lr=BASE_LR))
+    cfg = CifarConfig(out=str(tmp_path / f"{schedule}_{graphed}"), epochs=EPOCHS, batch_size=BATCH, lr=BASE_LR,
+                      momentum=0.0, weight_decay=0.0, lr_schedule=schedule, lr_milestones=[2],
+                      warmup_epochs=1.0 if schedule == "linear" else 0.0, cuda_graph=graphed, log_every=100)
+    optimizer = train_cifar.sgd(engine.param_groups(distiller), BASE_LR, cfg)
+    weight = distiller.student.classifier.weight if hasattr(distiller.student, "classifier") \
+        else distiller.student.fc.weight
+    before = {}
+
+    def remember(opt, args, kwargs):
+        before["w"], before["g"] = weight.detach().clone().double(), weight.grad.detach().clone().double()
+
+    applied, from_tensor = [], []
+
+    def measure(opt, args, kwargs):
+        moved, grad = before["w"] - weight.detach().double(), before["g"]
+        big = grad.abs() > 0.5 * grad.abs().max()
+        applied.append(float((moved[big] / grad[big]).median()))
+        from_tensor.append(isinstance(opt.param_groups[0]["lr"], torch.Tensor))
+
+    optimizer.register_step_pre_hook(remember)
+    optimizer.register_step_post_hook(measure)
+    engine.fit(cfg, engine.Dist(), distiller, optimizer, train, test, None, engine.RunLog(cfg.out))
+    return applied, from_tensor, graphs.captures
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear", "step"])
+def test_graphed_step_follows_the_per_step_schedule_of_an_eager_run(schedule, tmp_path, monkeypatch):
+    eager, eager_tensor, eager_captures = lrs_applied(schedule, False, tmp_path, monkeypatch)
+    graphed, graphed_tensor, captures = lrs_applied(schedule, True, tmp_path, monkeypatch)
+    want = [expected_lr(schedule, i) for i in range(EPOCHS * STEPS)]
+    assert eager == pytest.approx(want, rel=1e-3)
+    assert graphed == pytest.approx(want, rel=1e-3)
+    # 3 warm-up steps eagerly, then 12 replays of one capture, each reading the lr from the device
+    assert (eager_captures, captures) == (0, 1)
+    assert eager_tensor == [False] * 15 and graphed_tensor == [False] * 3 + [True] * 12

@@ -204,6 +204,13 @@ def check_device(device: str) -> str:
     return device
 
 
+def check_cuda_graph(cuda_graph: bool | None, dist_info: Dist) -> None:
+    """A graphed step needs one process on a CUDA device: a captured DDP step would capture NCCL's all-reduce
+    (with the loader's pin-memory thread running), and one rank falling back to eager could hang the others."""
+    if cuda_graph and (dist_info.device.type != "cuda" or dist_info.world > 1):
+        raise ConfigError("cuda_graph needs one process on a CUDA device (DDP's all-reduce is not captured)")
+
+
 def init_distributed(device: str = "auto") -> Dist:
     """Set up the process group when launched by torchrun (NCCL on CUDA, gloo on CPU)."""
     device = check_device(device)

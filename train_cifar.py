@@ -230,8 +230,7 @@ def sgd(params, lr: float, cfg: CifarConfig) -> torch.optim.SGD:
 def resolve(cfg: CifarConfig, dist: engine.Dist) -> tuple[CifarConfig, torch.dtype | None]:
     cuda = dist.device.type == "cuda"
     amp, amp_dtype = engine.resolve_amp(cfg.amp, dist.device)
-    if cfg.cuda_graph and (not cuda or dist.world > 1):
-        raise engine.ConfigError("cuda_graph needs one process on a CUDA device (DDP's all-reduce is not captured)")
+    engine.check_cuda_graph(cfg.cuda_graph, dist)
     if cfg.adapter_form not in ADAPTER_FORMS:
         raise engine.ConfigError(f"adapter_form must be {' or '.join(ADAPTER_FORMS)}, got {cfg.adapter_form!r}")
     if cfg.grad_accum < 1 or (cfg.grad_accum > 1 and cfg.cuda_graph):

@@ -276,10 +276,16 @@ def shutdown_distributed(synchronize: bool = True) -> None:
 # ----------------------------------------------------------------------------------------------
 # Start of a run: seeding, and the checkpoint to continue from (the files themselves: checkpoints.py)
 # ----------------------------------------------------------------------------------------------
-def seed_everything(seed: int) -> None:
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    """Seed every generator; ``deterministic`` (config key) also makes a GPU run repeat itself bit for bit on the
+    same card and versions: deterministic algorithms (an op without one warns once and stays as it is) and a
+    fixed cuBLAS workspace, which cuBLAS reads when it starts (before the first matrix product)."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
 
 
 def open_run(resume: bool | str, log: "RunLog") -> Path | None:

@@ -68,6 +68,7 @@ class ImagenetConfig:
     image_size: int = 224
     workers: int = 8                        # data-loading processes per rank
     seed: int = 0
+    deterministic: bool = False             # GPU: deterministic algorithms, fixed cuBLAS workspace (README)
     device: str = "auto"
     amp: str = "auto"                       # bf16 | none | auto (bf16 on CUDA)
     channels_last: bool | None = None       # None: on for CUDA
@@ -246,7 +247,7 @@ def run(cfg: ImagenetConfig, resume: bool | str = False) -> dict:
     cfg, amp_dtype = resolve(cfg, dist)
     log = engine.RunLog(cfg.out, enabled=dist.main)
     resume_from = None if cfg.benchmark_steps else engine.open_run(resume, log)
-    engine.seed_everything(cfg.seed)
+    engine.seed_everything(cfg.seed, cfg.deterministic)
 
     # Data
     if cfg.benchmark_steps:

@@ -148,16 +148,18 @@ def bench_one(name, fn, s0, t0, y, device, iters, warmup):
 
 def tune_candidates(n: int, k: int, dtype: torch.dtype, n_sm: int) -> list[dict]:
     """The launch configurations ``--tune`` times for one shape, as ``kd_core._KD_TUNE`` overrides: the
-    heuristic default first, then the other warp count, half the tile width, and split-K switched (off when
-    the heuristic splits, on with 2 splits per row block when K has room for it). kernels/aot_check.py
-    --candidates compiles every one of them for sm_90 and sm_80 (no spill allowed)."""
+    heuristic default first, then twice the warps (more threads per program: fewer registers per thread, and
+    more loads in flight where one program per SM is latency-bound; fewer warps spilled the 16-bit
+    gradient-in-forward tile), half the tile width, and split-K switched (off when the heuristic splits, on
+    with 2 splits when K has room for it). kernels/aot_check.py --candidates compiles every one of them for
+    sm_90 and sm_80 (no spill allowed)."""
     saved_sm = kd_core._sm_count
     kd_core._sm_count = lambda device: n_sm
     try:
         cfg = kd_core._kd_config(n, k, torch.empty((), dtype=dtype).element_size(), torch.device("meta"))
     finally:
         kd_core._sm_count = saved_sm
-    out = [{}, {"num_warps": 8 if cfg["num_warps"] == 4 else 4}]
+    out = [{}, {"num_warps": 2 * cfg["num_warps"]}]
     if cfg["block_k"] >= 256:
         out.append({"block_k": cfg["block_k"] // 2, "bwd_block_k": max(128, cfg["bwd_block_k"] // 2)})
     if cfg["splits"] > 1:

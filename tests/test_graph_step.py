@@ -77,3 +77,39 @@ def test_graphed_step_follows_the_per_step_schedule_of_an_eager_run(schedule, tm
     # 3 warm-up steps eagerly, then 12 replays of one capture, each reading the lr from the device
     assert (eager_captures, captures) == (0, 1)
     assert eager_tensor == [False] * 15 and graphed_tensor == [False] * 3 + [True] * 12
+
+
+def test_concurrent_graphed_runs_that_draw_random_numbers_are_refused():
+    cuda = torch.device("cuda")
+    crd = [CifarConfig(method="kd+crd", seed=s) for s in (0, 1)]
+    with pytest.raises(engine.ConfigError, match="kd\\+crd draws random numbers inside its CUDA-graphed step"):
+        train_cifar.check_concurrent_graphs(crd, 2, cuda)
+    train_cifar.check_concurrent_graphs(crd, 1, cuda)                                   # one at a time
+    train_cifar.check_concurrent_graphs(crd, 2, torch.device("cpu"))                    # no graph on a CPU
+    train_cifar.check_concurrent_graphs([CifarConfig(method="kd+crd", seed=s, cuda_graph=False) for s in (0, 1)],
+                                        2, cuda)
+    train_cifar.check_concurrent_graphs([CifarConfig(method="pesf+pkt", seed=s) for s in (0, 1)], 2, cuda)
+    with pytest.raises(engine.ConfigError):
+        train_cifar.check_concurrent_graphs([CifarConfig(method="crd", seed=s) for s in (0, 1)], 4, cuda)
+
+
+def test_deterministic_turns_on_deterministic_algorithms_and_the_cublas_workspace(monkeypatch):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    try:
+        engine.seed_everything(0, deterministic=True)
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.is_deterministic_algorithms_warn_only_enabled()
+        import os
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    finally:
+        engine.seed_everything(0)
+    assert not torch.are_deterministic_algorithms_enabled()
+
+
+def test_the_command_line_refuses_them_before_any_run_starts(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(engine, "check_device", lambda device: "cuda")   # as on a GPU machine
+    monkeypatch.setattr(train_cifar, "run_steps", lambda *a, **k: pytest.fail("a run started"))
+    rc = train_cifar.main(["--method", "kd+crd", "--teacher", "resnet8", "--student", "resnet8", "--seeds", "0,1",
+                           "--concurrent", "2", "--out", str(tmp_path / "r_s{seed}")])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert rc == 2 and len(err) == 1 and "draws random numbers inside its CUDA-graphed step" in err[0]

@@ -1087,7 +1087,7 @@ class ConsistencyMeter:
 
     def __init__(self) -> None:
         self.rows = 0.0
-        self.kl = self.gap = self.agree = self.pl = 0.0
+        self._sums: torch.Tensor | None = None   # kl, gap, agreements, pl: on the device, read once in compute()
         self._cka_logits = _CKAStats()
         self._cka_features = _CKAStats()
 
@@ -1098,16 +1098,15 @@ class ConsistencyMeter:
         _check_pair("student_logits", student_logits, "teacher_logits", teacher_logits)
         s, t = student_logits.detach(), teacher_logits.detach()
         self.rows += s.shape[0]
-        self.kl += float(kl_div(t, s, 1.0, reduction="sum"))
-        self.gap += float(sharpness_gap(t, s).double().sum())
-        self.agree += float((s.argmax(1) == t.argmax(1)).sum())
-        self.pl += float(_loyalty_rows(t, s).sum())
+        sums = torch.stack([kl_div(t, s, 1.0, reduction="sum").double(), sharpness_gap(t, s).double().sum(),
+                            (s.argmax(1) == t.argmax(1)).sum().double(), _loyalty_rows(t, s).double().sum()])
+        self._sums = sums if self._sums is None else self._sums + sums
         self._cka_logits.update(s, t)
         if student_features is not None and teacher_features is not None:
             self._cka_features.update(student_features, teacher_features)
 
     def compute(self) -> dict[str, float]:
-        scalars = [self.rows, self.kl, self.gap, self.agree, self.pl]
+        scalars = [self.rows, *(self._sums.tolist() if self._sums is not None else [0.0] * 4)]
         stats = [self._cka_logits, self._cka_features]
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             scalars, stats = self._all_reduce(scalars, stats)

@@ -1,12 +1,15 @@
-"""The graphed training step without a GPU: ``engine.EagerGraphs`` runs TrainStep's graph bookkeeping (static
-inputs, the optimiser reading its lr from tensors, one capture per input shape) on a CPU, so the per-step
-schedule of a graphed run is checked here against an eager run and a float64 formula."""
+"""What a GPU run does differently, checked on a CPU. ``engine.EagerGraphs`` runs TrainStep's graph bookkeeping
+(static inputs, the optimiser reading its lr from tensors, one capture per input shape) without a GPU, so the
+per-step schedule of a graphed run is checked against an eager run and a float64 formula; a dispatch mode
+counts the host-device synchronisations of the evaluation meter; the refusals of what cannot be graphed."""
 import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import engine
+import kd_core
 import models
 import train_cifar
 from distillers import DistillConfig, build_distiller
@@ -113,3 +116,35 @@ def test_the_command_line_refuses_them_before_any_run_starts(monkeypatch, tmp_pa
                            "--concurrent", "2", "--out", str(tmp_path / "r_s{seed}")])
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert rc == 2 and len(err) == 1 and "draws random numbers inside its CUDA-graphed step" in err[0]
+
+
+class SyncCounter(TorchDispatchMode):
+    """Counts the ops that read a tensor's value on the host (on a GPU, each one waits for the device)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.syncs = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default,
+                    torch.ops.aten.item.default):
+            self.syncs += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_consistency_meter_reads_the_device_once_per_evaluation():
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(8, 10, generator=g), torch.randn(8, 10, generator=g) * 2) for _ in range(5)]
+    meter = kd_core.ConsistencyMeter()
+    with SyncCounter() as counter:
+        for s, t in batches:
+            meter.update(s, t)
+    assert counter.syncs == 0
+    got = meter.compute()
+    s, t = (torch.cat(x).double() for x in zip(*batches))
+    p_t = torch.softmax(t, 1)
+    kl = (p_t * (torch.log_softmax(t, 1) - torch.log_softmax(s, 1))).sum(1).mean()
+    assert got["kl"] == pytest.approx(float(kl), rel=1e-6)
+    assert got["agreement"] == pytest.approx(100 * float((s.argmax(1) == t.argmax(1)).double().mean()))
+    gap = (torch.logsumexp(t, 1) - torch.logsumexp(s, 1)).mean()
+    assert got["gap"] == pytest.approx(float(gap), rel=1e-6)

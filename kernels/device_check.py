@@ -193,9 +193,11 @@ class Step(NamedTuple):
 
 
 def kernel_tests(ctx: Context) -> tuple[str, list[str]]:
-    tests = [ctx.py, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "tests/test_triton_kernel.py"]
+    # "env" puts the case set in the logged command line too
+    tests = ["env", "KD_KERNEL_CASE_SET=gpu", ctx.py, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+             "tests/test_triton_kernel.py"]
     tests += ["-k", ctx.args.test_filter] if ctx.args.test_filter else []
-    status = run_logged(tests, 240, ctx.budget, ctx.log, {**ctx.env, "KD_KERNEL_CASE_SET": "gpu"})
+    status = run_logged(tests, 240, ctx.budget, ctx.log, ctx.env)
     line = pytest_summary(ctx.log) if status != "skipped" else "(skipped)"
     if status == "ok" and not re.search(r"[1-9]\d* passed", line):
         status = "no test ran"   # every test skipped (triton missing, say) is no evidence

@@ -14,10 +14,11 @@ The copy bandwidth is measured in the same run; the floor is the traffic a fused
 (forward: read s, t; forward + backward: read s, t and write ds, dt) at that bandwidth.
 
     python kernels/bench_kd.py                      # GPU: the issue's shapes, fp32 and bf16
-    python kernels/bench_kd.py --quick --json out.json
+    python kernels/bench_kd.py --quick --json out.json       # no torch.compile variant: its compile is slow
+    python kernels/bench_kd.py --tune --winners kernels/kd_launch_winners.json   # launch configurations (GPU)
 On a machine without CUDA it runs small shapes on CPU (``--quick`` is implied); the fused variants
 then need TRITON_INTERPRET=1 (the interpreter: correct, not fast) and are skipped otherwise.
-The Markdown table is printed last.
+The Markdown table is printed last; ``--json`` is rewritten after every measured row.
 """
 from __future__ import annotations
 

@@ -41,7 +41,9 @@ ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("kd", "pesf", "dml")
 STEPS_PER_EPOCH = 50_000 // 64   # CIFAR-100 at batch 64, the paper's protocol
 COMPILE_S = 0.5            # one Triton compile for sm_90, measured by an earlier session (issue 20)
-FIXED_TEST_COMPILES = 60   # the kernel tests other than the random cases: not planned, an allowance from reading them
+# The kernel tests other than the random cases are not planned: issue 20 counted about 392 compiles for the
+# whole file with the 240 default cases, of which the plan finds 346 in the random cases, so about 46 are theirs.
+FIXED_TEST_COMPILES = 60
 
 
 class Budget:

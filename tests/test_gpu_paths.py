@@ -175,3 +175,73 @@ def test_the_captured_fused_sgd_step_continues_the_eager_momentum_and_weight_dec
     for eager, graphed in zip(*(m.parameters() for m in models_)):
         torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-6)
     assert not torch.equal(models_[0][0].weight, start)   # the weights did move
+
+
+class FakeCuda:
+    """Records what ``engine.CudaGraphs`` asks of torch.cuda (streams, captures, synchronisations)."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.events: list[str] = []
+        fake = self
+
+        class Stream:
+            def __init__(self, device=None, name="side stream"):
+                self.name = name
+
+            def wait_stream(self, other):
+                fake.events.append(f"{self.name} waits {other.name}")
+
+        class StreamContext:
+            def __init__(self, stream):
+                self.stream, self.outer = stream, None
+
+            def __enter__(self):
+                self.outer, fake.current = fake.current, self.stream
+                fake.events.append(f"on {self.stream.name}")
+
+            def __exit__(self, *exc):
+                fake.current = self.outer
+
+        class Graph:
+            def capture_begin(self, *args, **kwargs):
+                fake.events.append(f"capture_begin on {fake.current.name}")
+
+            def capture_end(self):
+                fake.events.append("capture_end")
+
+            def replay(self):
+                fake.events.append("replay")
+
+        self.current = Stream(name="run stream")
+        monkeypatch.setattr(torch.cuda, "Stream", Stream)
+        monkeypatch.setattr(torch.cuda, "stream", StreamContext)
+        monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: fake.current)
+        for name in ("synchronize", "empty_cache"):
+            monkeypatch.setattr(torch.cuda, name, lambda *a, name=name, **k: fake.events.append(name))
+
+
+def test_a_capture_waits_for_the_run_stream_only_and_keeps_the_allocator_cache(monkeypatch):
+    fake = FakeCuda(monkeypatch)
+    graphs = engine.CudaGraphs(torch.device("cuda"))
+    out = torch.zeros(3)
+    replay = graphs.capture(lambda: fake.events.append("step") or out)
+    assert fake.events == ["side stream waits run stream", "on side stream", "capture_begin on side stream", "step",
+                           "capture_end", "run stream waits side stream"]   # no synchronize, no empty_cache
+    fake.events.clear()
+    assert replay() is out and fake.events == ["replay"]
+
+
+def test_a_warm_up_output_is_kept_for_the_run_stream(monkeypatch):
+    FakeCuda(monkeypatch)
+    kept = []
+
+    class Output(torch.Tensor):
+        def record_stream(self, stream):
+            kept.append(stream.name)
+
+    graphs = engine.CudaGraphs(torch.device("cuda"))
+    with graphs.on_side_stream():
+        made = torch.zeros(2).as_subclass(Output)
+    graphs.used_on_current_stream(made)
+    assert kept == ["run stream"]

@@ -300,6 +300,13 @@ def check_device(device: str) -> str:
     return device
 
 
+def check_cuda_graph(cuda_graph: bool | None, dist_info: Dist) -> None:
+    """A graphed step needs one process on a CUDA device: a captured DDP step would capture NCCL's all-reduce
+    (with the loader's pin-memory thread running), and one rank falling back to eager could hang the others."""
+    if cuda_graph and (dist_info.device.type != "cuda" or dist_info.world > 1):
+        raise ConfigError("cuda_graph needs one process on a CUDA device (DDP's all-reduce is not captured)")
+
+
 def init_distributed(device: str = "auto") -> Dist:
     """Set up the process group when launched by torchrun (NCCL on CUDA, gloo on CPU)."""
     device = check_device(device)
@@ -357,10 +364,16 @@ def shutdown_distributed(synchronize: bool = True) -> None:
 # ----------------------------------------------------------------------------------------------
 # Start of a run: seeding, and the checkpoint to continue from (the files themselves: checkpoints.py)
 # ----------------------------------------------------------------------------------------------
-def seed_everything(seed: int) -> None:
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    """Seed every generator; ``deterministic`` (config key) also makes a GPU run repeat itself bit for bit on the
+    same card and versions: deterministic algorithms (an op without one warns once and stays as it is) and a
+    fixed cuBLAS workspace, which cuBLAS reads when it starts (before the first matrix product)."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
 
 
 def claim_run_folder(cfg, resume: bool | str, overwrite: bool, dist_info: Dist):
@@ -565,24 +578,88 @@ class NonFiniteLoss(RuntimeError):
 GRAD_ACCUM_RESETS = ("run", "epoch")
 
 
+class CudaGraphs:
+    """What a graphed step needs from CUDA: a side stream for the warm-up steps and the capture, and the
+    capture itself. The capture waits for this run's stream only (never the whole device, which would
+    stall the other runs of this process) and leaves the caching allocator alone (``torch.cuda.graph``
+    empties it, giving back every concurrent run's cached blocks)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.side = torch.cuda.Stream(device)
+
+    @contextlib.contextmanager
+    def on_side_stream(self):
+        main = torch.cuda.current_stream(self.device)
+        self.side.wait_stream(main)
+        with torch.cuda.stream(self.side):
+            yield
+        main.wait_stream(self.side)
+
+    def used_on_current_stream(self, tensor: torch.Tensor) -> None:
+        """``tensor`` was made on the side stream and is read (and freed) on the run's stream."""
+        tensor.record_stream(torch.cuda.current_stream(self.device))
+
+    def capture(self, step: typing.Callable[[], torch.Tensor]) -> typing.Callable[[], torch.Tensor]:
+        """Capture ``step`` once; the returned function replays it and returns the captured output."""
+        graph = torch.cuda.CUDAGraph()
+        with self.on_side_stream():
+            graph.capture_begin()
+            try:
+                out = step()
+            finally:
+                graph.capture_end()
+        return lambda: (graph.replay(), out)[1]
+
+
+class EagerGraphs:
+    """Stands in for ``CudaGraphs`` without a GPU (tests patch ``engine.graph_backend``): the graphed step's
+    own bookkeeping (static inputs, the optimiser reading its lr from tensors, capture once per shape)
+    runs on a CPU, with "replay" running the captured function again eagerly."""
+
+    def __init__(self) -> None:
+        self.captures = 0
+
+    def on_side_stream(self):
+        return contextlib.nullcontext()
+
+    def used_on_current_stream(self, tensor: torch.Tensor) -> None:
+        pass
+
+    def capture(self, step: typing.Callable[[], torch.Tensor]) -> typing.Callable[[], torch.Tensor]:
+        self.captures += 1
+        return step
+
+
+def graph_backend(device: torch.device) -> CudaGraphs | None:
+    """How this device captures a step; None: it cannot (the step runs eagerly)."""
+    return CudaGraphs(device) if device.type == "cuda" else None
+
+
 class TrainStep:
     """Runs ``loss_fn(x, y, index) -> (logits, {name: loss})``, backward and the optimiser step.
 
     Returns the detached losses stacked as ``[total, *terms]`` (names in ``self.names``), left on
     the device so that the caller decides when to synchronise. With ``cuda_graph`` the first
-    ``warmup`` calls run eagerly on a side stream, then the whole step is captured once and
-    replayed; ``invalidate()`` (after a learning-rate change, since the graph bakes in the lr)
-    makes the next call capture again. At batch 64 the eager step is bound by kernel launches on
-    the CPU; one graph replay removes that (SPEC sec. 6).
+    ``warmup`` calls run eagerly on a side stream, then the whole step is captured once per input
+    shape and replayed. A graph replays fixed kernels with fixed arguments, so the captured optimiser
+    step reads each group's lr from a device tensor (SGD's fused step takes a tensor lr), written in
+    place before a replay when the schedule changed it: a graphed run follows the same per-step
+    schedule as an eager one. At batch 64 the eager step is bound by kernel launches on the CPU; one
+    graph replay removes that (SPEC sec. 6).
     """
 
     def __init__(self, loss_fn, optimizer: torch.optim.Optimizer, amp_dtype: torch.dtype | None,
                  device: torch.device, cuda_graph: bool = False, warmup: int = 3, grad_accum: int = 1,
                  grad_accum_reset: str = "run") -> None:
-        if grad_accum < 1 or (grad_accum > 1 and cuda_graph and device.type == "cuda"):
+        self.graphs = graph_backend(device) if cuda_graph else None
+        if grad_accum < 1 or (grad_accum > 1 and self.graphs is not None):
             raise ConfigError(f"grad_accum must be >= 1 and needs cuda_graph off when > 1, got {grad_accum}")
         if grad_accum_reset not in GRAD_ACCUM_RESETS:
             raise ConfigError(f"grad_accum_reset must be {' or '.join(GRAD_ACCUM_RESETS)}, got {grad_accum_reset!r}")
+        if self.graphs is not None and not isinstance(optimizer, torch.optim.SGD):
+            raise ConfigError(f"cuda_graph needs SGD (its fused step reads the lr from a tensor), "
+                              f"got {type(optimizer).__name__}")
         self.loss_fn = loss_fn
         self.grad_accum = grad_accum
         self.grad_accum_reset = grad_accum_reset
@@ -590,12 +667,16 @@ class TrainStep:
         self.optimizer = optimizer
         self.amp_dtype = amp_dtype
         self.device = device
-        self.cuda_graph = cuda_graph and device.type == "cuda"
         self.warmup = warmup
         self.names: list[str] | None = None
         self.calls = 0
-        self.graph = None
-        self.static: tuple | None = None
+        self.replays: dict[tuple, tuple] = {}   # input shapes -> (static inputs, replay)
+        self.lr_tensors: list[torch.Tensor] = []
+        self.lr_written: list[float] = []
+
+    @property
+    def cuda_graph(self) -> bool:
+        return self.graphs is not None
 
     def _step(self, x, y, index, update: bool = True) -> torch.Tensor:
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
@@ -609,13 +690,10 @@ class TrainStep:
             self.optimizer.step()
         return torch.stack([total.detach(), *(v.detach().float() for v in losses.values())])
 
-    def invalidate(self) -> None:
-        self.graph = None
-
     def __call__(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor, batch: int | None = None) -> torch.Tensor:
         """``batch``: the batch's position in its epoch (``grad_accum_reset: epoch`` counts by it)."""
         self.calls += 1
-        if not self.cuda_graph:
+        if self.graphs is None:
             # grad_accum: the gradients of N calls are summed before a step. "run" counts calls across epochs;
             # "epoch" steps after batches N, 2N, ... of each epoch, as the authors' ``(idx + 1) % 4`` with idx
             # from the epoch's enumerate: an epoch's remainder joins the next epoch's first step.
@@ -626,43 +704,67 @@ class TrainStep:
             self.pending = 0 if update else self.pending + 1
             return self._step(x, y, index, update=update)
         if self.calls <= self.warmup:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
+            with self.graphs.on_side_stream():
                 self.optimizer.zero_grad(set_to_none=True)
                 out = self._step(x, y, index)
-            torch.cuda.current_stream().wait_stream(side)
+            self.graphs.used_on_current_stream(out)
             return out
-        if self.graph is None or self.static is None or self.static[0].shape != x.shape:
+        shapes = (x.shape, y.shape, index.shape)
+        if shapes not in self.replays:
             try:
-                self._capture(x, y, index)
+                self.replays[shapes] = self._capture(x, y, index)
             except Exception as exc:  # an op, GPU or driver that cannot be captured: eager beats a crash
                 self._capture_failed(exc)
                 self.optimizer.zero_grad(set_to_none=True)
                 return self._step(x, y, index)
-        sx, sy, si, sout = self.static
-        sx.copy_(x)
-        sy.copy_(y)
-        si.copy_(index)
-        self.graph.replay()
-        return sout.clone()
+        static, replay = self.replays[shapes]
+        for buffer, value in zip(static, (x, y, index)):
+            buffer.copy_(value)
+        self._write_lr()
+        return replay().clone()
+
+    def _write_lr(self) -> None:
+        """Copy each group's scheduled lr into the tensor the captured step reads, when it changed (a fill
+        on the device: no host-to-device copy, no synchronisation)."""
+        for i, group in enumerate(self.optimizer.param_groups):
+            if group["lr"] != self.lr_written[i]:
+                self.lr_tensors[i].fill_(group["lr"])
+                self.lr_written[i] = group["lr"]
+
+    @contextlib.contextmanager
+    def _tensor_lr(self):
+        """Inside: the optimiser reads its lr from ``lr_tensors`` (SGD's fused step); outside, the groups keep
+        plain floats, so the schedule, the logs and the checkpoints see what an eager run's do."""
+        groups = self.optimizer.param_groups
+        saved = [(g["lr"], g["fused"], g["foreach"]) for g in groups]
+        for group, lr in zip(groups, self.lr_tensors):
+            group.update(lr=lr, fused=True, foreach=False)
+        try:
+            yield
+        finally:
+            for group, (lr, fused, foreach) in zip(groups, saved):
+                group.update(lr=lr, fused=fused, foreach=foreach)
+
+    def _captured_step(self, x, y, index) -> torch.Tensor:
+        # A replay overwrites the gradients the capture allocated, as a step from no gradients would.
+        self.optimizer.zero_grad(set_to_none=True)
+        with self._tensor_lr():
+            return self._step(x, y, index)
 
     def _capture_failed(self, exc: Exception) -> None:
         # A failed capture executes nothing on the device, so the run continues eagerly from here.
-        self.graph, self.static, self.cuda_graph = None, None, False
+        self.graphs, self.replays = None, {}
         lines = str(exc).strip().splitlines()
         warnings.warn(f"CUDA-graph capture of the training step failed ({type(exc).__name__}: "
                       f"{lines[0] if lines else ''}); running the step eagerly", RuntimeWarning, stacklevel=3)
 
-    def _capture(self, x, y, index) -> None:
-        self.graph = None
-        torch.cuda.synchronize()
-        sx, sy, si = x.clone(), y.clone(), index.clone()
-        graph = torch.cuda.CUDAGraph()
-        self.optimizer.zero_grad(set_to_none=True)
-        with torch.cuda.graph(graph):
-            sout = self._step(sx, sy, si)
-        self.graph, self.static = graph, (sx, sy, si, sout)
+    def _capture(self, x, y, index) -> tuple:
+        if not self.lr_tensors:
+            groups = self.optimizer.param_groups
+            self.lr_tensors = [torch.full((), g["lr"], dtype=torch.float32, device=self.device) for g in groups]
+            self.lr_written = [g["lr"] for g in groups]
+        static = (x.clone(), y.clone(), index.clone())
+        return static, self.graphs.capture(lambda: self._captured_step(*static))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -951,7 +1053,7 @@ def _train_epochs(cfg, dist_info: Dist, distiller, optimizer: torch.optim.Optimi
 
     progress = Progress((cfg.epochs - start_epoch) * len(train) - start_step, log, cfg.log_every, _runs_to_follow)
     metrics: dict = history.get("last_metrics", {})
-    per_step_lr = cfg.lr_schedule != "step" and not step.cuda_graph
+    per_step_lr = cfg.lr_schedule != "step"
     lr_now = None
     for epoch in range(start_epoch, cfg.epochs):
         distiller.begin_epoch(epoch, cfg.epochs)
@@ -970,7 +1072,6 @@ def _train_epochs(cfg, dist_info: Dist, distiller, optimizer: torch.optim.Optimi
                                size)
             if factor != lr_now:
                 set_lr(optimizer, factor, overwrite=getattr(cfg, "lr_overwrite", False))
-                step.invalidate()
                 lr_now = factor
             losses = step(x, y, index, batch=i)
             sums = losses if sums is None else sums + losses

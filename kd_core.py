@@ -608,6 +608,33 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+_WINNERS: dict = {}   # device index -> the entries of the winners file measured on that card ([] when none)
+
+
+def _launch_winner(n: int, k: int, elem_size: int, device: torch.device) -> dict:
+    """The ``_KD_TUNE`` overrides ``kernels/bench_kd.py --tune`` measured fastest for this shape on this card:
+    read once per device from ``$PESF_KD_WINNERS`` or ``kernels/kd_launch_winners.json`` when present and
+    written on a card of the same name; the entry with the same dtype width and power-of-two K bucket and the
+    nearest N (in log scale). ``{}`` (the heuristics) otherwise, on a CPU and under the interpreter."""
+    if device.type != "cuda" or _interpreting():
+        return {}
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _WINNERS:
+        import json
+        import os
+        from pathlib import Path
+        path = Path(os.environ.get("PESF_KD_WINNERS") or Path(__file__).resolve().parent / "kernels" /
+                    "kd_launch_winners.json")
+        data = json.loads(path.read_text()) if path.is_file() else {}
+        same_card = data.get("device") == torch.cuda.get_device_name(index)
+        _WINNERS[index] = data.get("winners", []) if same_card else []
+    width = {"fp32": 4, "bf16": 2, "fp16": 2}
+    fits = [w for w in _WINNERS[index] if width[w["dtype"]] == elem_size and _next_pow2(w["K"]) == _next_pow2(k)]
+    if not fits:
+        return {}
+    return dict(min(fits, key=lambda w: abs(math.log2(max(w["N"], 1)) - math.log2(max(n, 1))))["tune"])
+
+
 def _kd_config(n: int, k: int, elem_size: int, device: torch.device) -> dict:
     """Launch configuration by heuristics on K, N and the dtype (no autotune; see kernels/README.md).
 
@@ -618,12 +645,13 @@ def _kd_config(n: int, k: int, elem_size: int, device: torch.device) -> dict:
     """
     n_sm = _sm_count(device)
     gpu = n_sm > 0   # else (interpreter): all rows in as few programs as the tile allows
+    tune = {**_launch_winner(n, k, elem_size, device), **_KD_TUNE}   # explicit overrides beat measured winners
     tile = (4096 if elem_size >= 4 else 8192) if gpu else 1 << 14
-    block_k = _KD_TUNE.get("block_k") or min(_next_pow2(k), tile)
+    block_k = tune.get("block_k") or min(_next_pow2(k), tile)
     # Rows per program: fill the tile, but keep >= 2 programs per SM when N allows it.
-    rows = _KD_TUNE.get("rows") or max(1, min(tile // block_k, 64, _next_pow2(max(1, n // max(1, 2 * n_sm)))))
+    rows = tune.get("rows") or max(1, min(tile // block_k, 64, _next_pow2(max(1, n // max(1, 2 * n_sm)))))
     row_progs = -(-n // rows)
-    splits = _KD_TUNE.get("splits")
+    splits = tune.get("splits")
     if splits is None:
         splits = 1
         if gpu and row_progs < 2 * n_sm and k >= 4 * block_k:
@@ -633,12 +661,12 @@ def _kd_config(n: int, k: int, elem_size: int, device: torch.device) -> dict:
     # The backward tile holds ~10 live fp32 temporaries per element (the swap remap, both KL halves):
     # half the forward tile on a GPU keeps it in registers (first thing to sweep on a GPU).
     bwd_tile = tile // 2 if gpu else tile
-    bwd_block_k = _KD_TUNE.get("bwd_block_k") or min(_next_pow2(k), bwd_tile)
+    bwd_block_k = tune.get("bwd_block_k") or min(_next_pow2(k), bwd_tile)
     # Each thread keeps ~25 per-row scalars (upstream grads, statistics, swap values) once per row it
     # touches: with more than 4 rows a program spills when K gives no vector loads (ptxas, K = 100).
-    bwd_rows = _KD_TUNE.get("bwd_rows") or max(1, min(bwd_tile // bwd_block_k, 64, _next_pow2(max(1, n)),
+    bwd_rows = tune.get("bwd_rows") or max(1, min(bwd_tile // bwd_block_k, 64, _next_pow2(max(1, n)),
                                                       _GPU_BWD_MAX_ROWS if gpu else 64))
-    num_warps = _KD_TUNE.get("num_warps") or (4 if rows * block_k <= 2048 else 8)
+    num_warps = tune.get("num_warps") or (4 if rows * block_k <= 2048 else 8)
     # Gradient-in-forward: the forward program also runs the backward's tile loop, so its tile keeps
     # to the backward's limits (the full 16-bit forward tile spills, or sits at 255 registers).
     gif_rows = min(rows, bwd_rows)
@@ -648,7 +676,7 @@ def _kd_config(n: int, k: int, elem_size: int, device: torch.device) -> dict:
             "gif_rows": gif_rows, "gif_block_k": gif_block_k,
             # 8 warps from 1024 elements (aot_check: at 4, 2048 fp32 take 253 registers and 1024 fp16
             # with detached targets spill 4 bytes on sm_90).
-            "gif_num_warps": _KD_TUNE.get("num_warps") or (4 if gif_rows * gif_block_k < 1024 else 8)}
+            "gif_num_warps": tune.get("num_warps") or (4 if gif_rows * gif_block_k < 1024 else 8)}
 
 
 def _prep(s: torch.Tensor, t: torch.Tensor, labels: torch.Tensor):
@@ -1059,7 +1087,7 @@ class ConsistencyMeter:
 
     def __init__(self) -> None:
         self.rows = 0.0
-        self.kl = self.gap = self.agree = self.pl = 0.0
+        self._sums: torch.Tensor | None = None   # kl, gap, agreements, pl: on the device, read once in compute()
         self._cka_logits = _CKAStats()
         self._cka_features = _CKAStats()
 
@@ -1070,16 +1098,15 @@ class ConsistencyMeter:
         _check_pair("student_logits", student_logits, "teacher_logits", teacher_logits)
         s, t = student_logits.detach(), teacher_logits.detach()
         self.rows += s.shape[0]
-        self.kl += float(kl_div(t, s, 1.0, reduction="sum"))
-        self.gap += float(sharpness_gap(t, s).double().sum())
-        self.agree += float((s.argmax(1) == t.argmax(1)).sum())
-        self.pl += float(_loyalty_rows(t, s).sum())
+        sums = torch.stack([kl_div(t, s, 1.0, reduction="sum").double(), sharpness_gap(t, s).double().sum(),
+                            (s.argmax(1) == t.argmax(1)).sum().double(), _loyalty_rows(t, s).double().sum()])
+        self._sums = sums if self._sums is None else self._sums + sums
         self._cka_logits.update(s, t)
         if student_features is not None and teacher_features is not None:
             self._cka_features.update(student_features, teacher_features)
 
     def compute(self) -> dict[str, float]:
-        scalars = [self.rows, self.kl, self.gap, self.agree, self.pl]
+        scalars = [self.rows, *(self._sums.tolist() if self._sums is not None else [0.0] * 4)]
         stats = [self._cka_logits, self._cka_features]
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             scalars, stats = self._all_reduce(scalars, stats)

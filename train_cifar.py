@@ -30,7 +30,8 @@ import models
 import multirun
 import runfolder
 import stages
-from distillers import STAGED_METHODS, DistillConfig, build_distiller, method_names, needs_teacher
+from distillers import (STAGED_METHODS, DistillConfig, build_distiller, draws_random_numbers_in_step, method_names,
+                        needs_teacher)
 from distillers.feature import run_init_stage
 from distillers.nlp import FACTORIES as BERT_ONLY_TERMS
 from models.cifar import MODELS as CIFAR_MODELS
@@ -87,6 +88,7 @@ class CifarConfig:
     lr_overwrite: bool = False              # true: after a decay every group runs at the student's lr
     train_subset: int = 0                   # use only the first N training images (0: all)
     seed: int = 0
+    deterministic: bool = False             # GPU: deterministic algorithms, fixed cuBLAS workspace (README)
     device: str = "auto"
     amp: str = "auto"                       # bf16 | none | auto (bf16 on CUDA)
     channels_last: bool | None = None       # None: on for CUDA
@@ -261,8 +263,7 @@ def sgd(params, lr: float, cfg: CifarConfig) -> torch.optim.SGD:
 def resolve(cfg: CifarConfig, dist: engine.Dist) -> tuple[CifarConfig, torch.dtype | None]:
     cuda = dist.device.type == "cuda"
     amp, amp_dtype = engine.resolve_amp(cfg.amp, dist.device)
-    if cfg.cuda_graph and (not cuda or dist.world > 1):
-        raise engine.ConfigError("cuda_graph needs one process on a CUDA device (DDP's all-reduce is not captured)")
+    engine.check_cuda_graph(cfg.cuda_graph, dist)
     if cfg.adapter_form not in ADAPTER_FORMS:
         raise engine.ConfigError(f"adapter_form must be {' or '.join(ADAPTER_FORMS)}, got {cfg.adapter_form!r}")
     if cfg.sftn_teacher_init not in SFTN_TEACHER_INITS:
@@ -331,7 +332,7 @@ def train_steps(cfg: CifarConfig, dist: engine.Dist, amp_dtype: torch.dtype | No
         method_stages = STAGED_METHODS[cfg.method]
         return (yield from stages.run_stages(cfg, method_stages, stage_config, run_steps, resume, log, overwrite))
     resume_from = None if cfg.benchmark_steps else engine.open_run(resume, log)
-    engine.seed_everything(cfg.seed)
+    engine.seed_everything(cfg.seed, cfg.deterministic)
 
     # Data
     per_rank_eval = max(1, cfg.eval_batch_size // dist.world)
@@ -513,9 +514,24 @@ def run_many(cfgs: list[CifarConfig], args: argparse.Namespace) -> list[dict]:
     if concurrent > 1 and world > 1:
         raise engine.ConfigError("--concurrent runs several runs in one process; under torchrun every rank "
                                  "already shares each run: drop --concurrent or torchrun")
+    device = torch.device(engine.check_device(cfgs[0].device))
+    check_concurrent_graphs(cfgs, concurrent, device)
     jobs = [multirun.Job(Path(folder).name, functools.partial(run_steps, cfg, bool(args.resume), args.overwrite))
             for folder, cfg in zip(folders, cfgs)]
-    return multirun.run_all(jobs, concurrent, torch.device(engine.check_device(cfgs[0].device)))
+    return multirun.run_all(jobs, concurrent, device)
+
+
+def check_concurrent_graphs(cfgs: list[CifarConfig], concurrent: int, device: torch.device) -> None:
+    """Concurrent CUDA-graphed runs replay from one CUDA generator: a graph that draws random numbers
+    (CRD's negatives) gets offsets that depend on how the other runs' replays interleave, so such a run
+    would not repeat itself. Refused in one line."""
+    if concurrent < 2 or device.type != "cuda" or len(cfgs) < 2:
+        return
+    for cfg in cfgs:
+        graphed = cfg.cuda_graph if cfg.cuda_graph is not None else cfg.grad_accum == 1
+        if graphed and draws_random_numbers_in_step(cfg.method):
+            raise engine.ConfigError(f"{cfg.method} draws random numbers inside its CUDA-graphed step, which "
+                                     "concurrent runs would not repeat: add --concurrent 1 or --set cuda_graph=false")
 
 
 def benchmark_concurrency(args: argparse.Namespace, base: CifarConfig, cfgs: list[CifarConfig]) -> None:

@@ -73,6 +73,7 @@ class GlueConfig:
     anchors_dir: str | None = None          # rco: the teacher run's anchors/ folder
     train_subset: int = 0                   # use only the first N training rows (0: all)
     seed: int = 0
+    deterministic: bool = False             # GPU: deterministic algorithms, fixed cuBLAS workspace (README)
     device: str = "auto"
     amp: str = "auto"                       # bf16 | none | auto (bf16 on CUDA)
     cuda_graph: bool = False                # must stay off: batch shapes vary (dynamic padding)
@@ -409,7 +410,7 @@ def train_steps(cfg: GlueConfig, dist: engine.Dist, amp_dtype: torch.dtype | Non
         method_stages = STAGED_METHODS[cfg.method]
         return (yield from stages.run_stages(cfg, method_stages, stage_config, run_steps, resume, log, overwrite))
     resume_from = None if cfg.benchmark_steps else engine.open_run(resume, log)
-    engine.seed_everything(cfg.seed)
+    engine.seed_everything(cfg.seed, cfg.deterministic)
     task = TASKS[cfg.task]
 
     # Data

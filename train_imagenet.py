@@ -69,6 +69,7 @@ class ImagenetConfig:
     image_size: int = 224
     workers: int = 8                        # data-loading processes per rank
     seed: int = 0
+    deterministic: bool = False             # GPU: deterministic algorithms, fixed cuBLAS workspace (README)
     device: str = "auto"
     amp: str = "auto"                       # bf16 | none | auto (bf16 on CUDA)
     channels_last: bool | None = None       # None: on for CUDA
@@ -101,8 +102,10 @@ class Indexed(Dataset):
             x, y = self.dataset[item]
             return x, y, item
         key, i = item
-        with torch.random.fork_rng(devices=[]):   # torchvision's random transforms draw from torch's RNG
-            torch.manual_seed(key * 10_000_019 + i)
+        # torchvision's random transforms draw from torch's CPU generator; torch.manual_seed would also reseed
+        # every CUDA generator (the training step's, when workers=0 loads in the main process).
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(key * 10_000_019 + i)
             x, y = self.dataset[i]
         return x, y, i
 
@@ -170,8 +173,9 @@ class LoaderBatches:
         for i, (x, y, index) in enumerate(self.loader, start=start):
             if i == len(self):
                 return
-            x = x.to(self.device, non_blocking=True).float().sub_(self.mean).div_(self.std)
-            yield (x.contiguous(memory_format=self.memory_format), y.to(self.device, non_blocking=True),
+            # channels-last while still uint8 (a quarter of the bytes to move); .float() keeps the layout
+            x = x.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+            yield (x.float().sub_(self.mean).div_(self.std), y.to(self.device, non_blocking=True),
                    index.to(self.device, non_blocking=True))
 
 
@@ -226,6 +230,7 @@ def build_models(cfg: ImagenetConfig, num_classes: int, log: engine.RunLog) -> t
 def resolve(cfg: ImagenetConfig, dist: engine.Dist) -> tuple[ImagenetConfig, torch.dtype | None]:
     cuda = dist.device.type == "cuda"
     amp, amp_dtype = engine.resolve_amp(cfg.amp, dist.device)
+    engine.check_cuda_graph(cfg.cuda_graph, dist)
     if needs_teacher(cfg.method) and cfg.teacher_weights and not cfg.teacher_ckpt and cfg.teacher in IMAGENET_MODELS:
         from torchvision.models import get_model_weights   # checked before the data set is scanned
         known = [w.name for w in get_model_weights(cfg.teacher)]
@@ -249,7 +254,7 @@ def run(cfg: ImagenetConfig, resume: bool | str = False, overwrite: bool = False
 def train(cfg: ImagenetConfig, dist: engine.Dist, amp_dtype: torch.dtype | None, resume: bool | str) -> dict:
     log = engine.RunLog(cfg.out, enabled=dist.main)
     resume_from = None if cfg.benchmark_steps else engine.open_run(resume, log)
-    engine.seed_everything(cfg.seed)
+    engine.seed_everything(cfg.seed, cfg.deterministic)
 
     # Data
     if cfg.benchmark_steps:

@@ -16,6 +16,7 @@ import torch.nn as nn
 
 from .base import DistillConfig, Distiller
 from .feature import FACTORIES as FEATURE_FACTORIES
+from .feature import RANDOM_STEP_TERMS
 from .nlp import FACTORIES as NLP_FACTORIES
 from .logit import (CEDistiller, DMLDistiller, FeatureDistiller, FeatureTerm, FTKDDistiller, KDCLDistiller,
                     KDDistiller, PESFDistiller, min_logit_ensemble)
@@ -75,6 +76,14 @@ def build_distiller(method: str, student: nn.Module, teacher: nn.Module | None, 
     return cls(student, teacher, cfg, feature_term=term)
 
 
+def draws_random_numbers_in_step(method: str) -> bool:
+    """True when a training step of ``method`` draws random numbers (CRD's negatives; the networks use no
+    dropout), i.e. when a CUDA graph of the step depends on the generator it replays from."""
+    if method in STAGED_METHODS:
+        return False   # their stages are kd and sftn_teacher runs
+    return parse_method(method)[1] in RANDOM_STEP_TERMS
+
+
 def needs_teacher(method: str) -> bool:
     if method in STAGED_METHODS:
         return True
@@ -82,5 +91,6 @@ def needs_teacher(method: str) -> bool:
 
 
 __all__ = ["DistillConfig", "Distiller", "FeatureTerm", "LOGIT_METHODS", "FEATURE_TERMS", "ALONE_BASE",
-           "build_distiller", "method_names", "parse_method", "needs_teacher", "min_logit_ensemble",
+           "build_distiller", "method_names", "parse_method", "needs_teacher", "draws_random_numbers_in_step",
+           "min_logit_ensemble",
            "STAGED_METHODS"]

@@ -596,6 +596,8 @@ FACTORIES: dict[str, Callable[..., FeatureTerm]] = {
     "vid": VID.from_models, "ab": ActivationBoundaries.from_models, "ft": FactorTransfer.from_models,
     "fsp": FSP.from_models,
 }
+# Terms whose loss draws random numbers in every step (CRD's negatives).
+RANDOM_STEP_TERMS = frozenset({"crd"})
 
 
 # ----------------------------------------------------------------------------------------------

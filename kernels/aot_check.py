@@ -9,12 +9,16 @@ more than 255 registers, any spill, or shared memory over the target's per-block
 
     python kernels/aot_check.py            # the CI subset (tests/test_aot_compile.py runs it)
     python kernels/aot_check.py --full     # every shape, dtype, path and variant on both targets
+    python kernels/aot_check.py --candidates   # every launch configuration bench_kd.py --tune may time
+    python kernels/aot_check.py --plan     # the device check's compiles per step (JSON; compiles nothing)
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import io
+import json
 import itertools
 import os
 import re
@@ -26,7 +30,8 @@ from pathlib import Path
 
 # The Triton interpreter (set for the whole CI pytest run) must be off before triton is imported.
 os.environ.pop("TRITON_INTERPRET", None)
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
@@ -100,24 +105,40 @@ def _recording(n_sm: int):
         kd_core._TRITON, kd_core._sm_count = saved
 
 
-def record_launches(n: int, k: int, dtype: torch.dtype, n_sm: int, variant: tuple) -> list[Launch]:
-    """The kernel launches the real launchers make for one call, on meta tensors."""
-    path, adjust, detach, need_ds, need_dt = variant
+def record_launches(n: int, k: int, dtype: torch.dtype, n_sm: int, variant: tuple,
+                    tune: dict | None = None) -> list[Launch]:
+    """The kernel launches the real launchers make for one call on contiguous inputs, on meta tensors."""
     meta = {"device": "meta"}
     s, t = torch.empty(n, k, dtype=dtype, **meta), torch.empty(n, k, dtype=dtype, **meta)
-    labels = torch.empty(n, dtype=torch.int64, **meta)
-    with _recording(n_sm) as calls:
-        if path == "fwd":
-            kd_core._launch_fwd(s, t, labels, 4.0, adjust, kd_core.IGNORE_INDEX)
-        elif path == "bwd":
-            stats = torch.empty(kd_core._N_STATS, n, **meta)
-            grad_rows = torch.empty(7, n, **meta)
-            kd_core._launch_bwd(grad_rows, s, t, labels, stats, 4.0, adjust, kd_core.IGNORE_INDEX, detach,
-                                need_ds, need_dt)
-        else:
-            weights = torch.empty(7, **meta)
-            kd_core._launch_fwd(s, t, labels, 4.0, adjust, kd_core.IGNORE_INDEX,
-                                grad=(weights, detach, need_ds, need_dt))
+    return record_call(s, t, torch.empty(n, dtype=torch.int64, **meta), n_sm, variant, tune)
+
+
+def record_call(s: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, n_sm: int, variant: tuple,
+                tune: dict | None = None) -> list[Launch]:
+    """The kernel launches for one call on these ``meta`` tensors (any strides and storage offsets: a meta
+    view's data pointer is its byte offset, so Triton's alignment specialisation sees what a real one would),
+    with ``kd_core._KD_TUNE`` set to ``tune``."""
+    path, adjust, detach, need_ds, need_dt = variant
+    n = s.shape[0]
+    saved_tune = dict(kd_core._KD_TUNE)
+    kd_core._KD_TUNE.clear()
+    kd_core._KD_TUNE.update(tune or {})
+    try:
+        with _recording(n_sm) as calls:
+            if path == "fwd":
+                kd_core._launch_fwd(s, t, labels, 4.0, adjust, kd_core.IGNORE_INDEX)
+            elif path == "bwd":
+                stats = torch.empty(kd_core._N_STATS, n, device="meta")
+                grad_rows = torch.empty(7, n, device="meta")
+                kd_core._launch_bwd(grad_rows, s, t, labels, stats, 4.0, adjust, kd_core.IGNORE_INDEX, detach,
+                                    need_ds, need_dt)
+            else:
+                weights = torch.empty(7, device="meta")
+                kd_core._launch_fwd(s, t, labels, 4.0, adjust, kd_core.IGNORE_INDEX,
+                                    grad=(weights, detach, need_ds, need_dt))
+    finally:
+        kd_core._KD_TUNE.clear()
+        kd_core._KD_TUNE.update(saved_tune)
     return calls
 
 
@@ -183,13 +204,18 @@ class AotCompiler:
         bound, specialization, options = binder(*launch.args, **launch.kwargs)
         return launch.fn._pack_args(backend, launch.kwargs, bound, specialization, options)
 
+    def key(self, launch: Launch, target: Target) -> tuple:
+        """What Triton compiles once: the kernel and its specialisation (dtypes, constants, alignment, options)."""
+        options, signature, constexprs, attrs = self._bind(launch, target)
+        return (launch.kernel, target.name, repr(sorted(signature.items())), repr(sorted(constexprs.items())),
+                repr(sorted(attrs.items())), repr(sorted(options.__dict__.items())))
+
     def compile(self, launch: Launch, target: Target, used_by: str) -> Compiled:
         import triton
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
         options, signature, constexprs, attrs = self._bind(launch, target)
-        key = (launch.kernel, target.name, repr(sorted(signature.items())), repr(sorted(constexprs.items())),
-               repr(sorted(attrs.items())), repr(sorted(options.__dict__.items())))
+        key = self.key(launch, target)
         if key in self.results:
             self.results[key].used_by.append(used_by)
             return self.results[key]
@@ -236,22 +262,98 @@ def cases(full: bool, variants: tuple = VARIANTS) -> list[tuple[Target, tuple[in
             for target, shape, dtype, variant in itertools.product(TARGETS, SHAPES, DTYPES, variants)]
 
 
-def run(full: bool, variants: tuple = VARIANTS, progress=print) -> tuple[list[Compiled], list[str]]:
-    """Compile every launch of the chosen cases; returns the distinct compiles and the failures."""
+def _load(relative: str):
+    """A script of this repository by path (kernels/ and tests/ are not packages)."""
+    path = ROOT / relative
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# What the benchmark times per shape: distill_terms (forward, backward) and distill_loss, as PESF trains them.
+BENCH_VARIANTS = (("fwd", True, False, False, False), ("bwd", True, True, True, True), ("gif", True, True, True, True))
+
+
+def candidate_jobs() -> list[tuple[Target, str, list[Launch]]]:
+    """Every launch configuration ``bench_kd.py --tune`` may time (its ``tune_candidates``), on both targets."""
+    bench = _load("kernels/bench_kd.py")
+    jobs = []
+    for target, (n, k), dn in itertools.product(TARGETS, bench.TUNE_SHAPES, bench.TUNE_DTYPES):
+        for tune in bench.tune_candidates(n, k, bench.DTYPES[dn], target.n_sm):
+            for variant in BENCH_VARIANTS:
+                jobs.append((target, f"{n}x{k} {variant[0]} {tune or 'default'}",
+                             record_launches(n, k, bench.DTYPES[dn], target.n_sm, variant, tune)))
+    return jobs
+
+
+def run(full: bool, variants: tuple = VARIANTS, progress=print,
+        jobs: list[tuple[Target, str, list[Launch]]] | None = None) -> tuple[list[Compiled], list[str]]:
+    """Compile every launch of the chosen cases (or of ``jobs``); returns the distinct compiles and the failures."""
+    if jobs is None:
+        jobs = [(target, f"{n}x{k} {variant[0]}", record_launches(n, k, dtype, target.n_sm, variant))
+                for target, (n, k), dtype, variant in cases(full, variants)]
     compiler = AotCompiler()
     failures = []
-    todo = cases(full, variants)
-    for i, (target, (n, k), dtype, variant) in enumerate(todo):
-        for launch in record_launches(n, k, dtype, target.n_sm, variant):
+    for i, (target, used_by, launches) in enumerate(jobs):
+        for launch in launches:
             before = len(compiler.results)
-            result = compiler.compile(launch, target, f"{n}x{k} {variant[0]}")
+            result = compiler.compile(launch, target, used_by)
             if len(compiler.results) > before:
-                progress(f"[{i + 1}/{len(todo)}] {result.target} {result.kernel} {result.config} {result.dtype}: "
+                progress(f"[{i + 1}/{len(jobs)}] {result.target} {result.kernel} {result.config} {result.dtype}: "
                          f"{result.registers} regs, spills {result.spill_stores}/{result.spill_loads} B, "
                          f"{result.seconds:.1f} s {result.error}")
                 failures += [f"{result.target} {result.kernel} {result.config} {result.dtype}: {p}"
                              for p in result.problems(target)]
     return list(compiler.results.values()), failures
+
+
+# ----------------------------------------------------------------------------------------------
+# The device check's compile plan: the kernels each of its steps makes Triton compile for an H100
+# ----------------------------------------------------------------------------------------------
+def _kernel_test_launches(n_sm: int) -> list[Launch]:
+    """The random parity cases of the GPU case set (tests/kernel_cases.py), forward and backward, with the
+    layouts the tests give the kernel (``.to("cuda")`` densifies a strided view; so does ``.to("meta")``)."""
+    kernel_cases = _load("tests/kernel_cases.py")
+    launches = []
+    for seed in kernel_cases.gpu_case_seeds():
+        c = kernel_cases.make_case(seed)
+        s, t, y = c["s"].to("meta"), c["t"].to("meta"), c["y"].to("meta")
+        for variant in (("fwd", c["adjust"], False, False, False), ("bwd", c["adjust"], c["detach"], True, True)):
+            launches += record_call(s, t, y, n_sm, variant, c["config"])
+    return launches
+
+
+def _bench_launches(shapes, dtype_names, n_sm: int, tuned: bool = False) -> list[Launch]:
+    bench = _load("kernels/bench_kd.py")
+    launches = []
+    for (n, k), dn in itertools.product(shapes, dtype_names):
+        for tune in (bench.tune_candidates(n, k, bench.DTYPES[dn], n_sm) if tuned else [{}]):
+            for variant in BENCH_VARIANTS:
+                launches += record_launches(n, k, bench.DTYPES[dn], n_sm, variant, tune)
+    return launches
+
+
+def device_check_plan(target: Target = TARGETS[0]) -> dict[str, int]:
+    """Distinct compiles each step of kernels/device_check.py needs on ``target``, in step order; a kernel an
+    earlier step compiled is in Triton's cache and not counted again. The training steps (kd, pesf, dml at
+    64 x 100, bf16 under autocast) are planned as every forward and backward variant at that shape."""
+    bench = _load("kernels/bench_kd.py")
+    train = [launch for variant in VARIANTS if variant[0] != "gif"
+             for launch in record_launches(64, 100, torch.bfloat16, target.n_sm, variant)]
+    steps = {"kernel_tests": _kernel_test_launches(target.n_sm),
+             "bench_quick": _bench_launches(bench.QUICK_GPU_SHAPES, ["fp32", "bf16"], target.n_sm),
+             "train_steps": train,
+             "bench_tune": _bench_launches(bench.TUNE_SHAPES, bench.TUNE_DTYPES, target.n_sm, tuned=True),
+             "bench_full": _bench_launches(bench.GPU_SHAPES, ["fp32", "bf16"], target.n_sm)}
+    compiler = AotCompiler()
+    seen: set = set()
+    plan = {}
+    for name, launches in steps.items():
+        keys = {compiler.key(launch, target) for launch in launches} - seen
+        plan[name] = len(keys)
+        seen |= keys
+    return plan
 
 
 def table(results: list[Compiled]) -> str:
@@ -271,13 +373,21 @@ def main(argv: list[str] | None = None) -> int:
                         help="every shape x dtype x path x variant on sm_90 and sm_80 (minutes), not the CI subset")
     parser.add_argument("--default-variants", action="store_true",
                         help="with --full: only the training default of each path (adjust, targets not detached)")
+    parser.add_argument("--candidates", action="store_true",
+                        help="every launch configuration bench_kd.py --tune may time, on sm_90 and sm_80")
+    parser.add_argument("--plan", action="store_true",
+                        help="print (JSON) the distinct sm_90 compiles of each device-check step; compiles nothing")
     args = parser.parse_args(argv)
     if not kd_core.triton_available():
         print("aot_check: triton is not importable", file=sys.stderr)
         return 2
+    if args.plan:
+        print(json.dumps(device_check_plan()))
+        return 0
     start = time.perf_counter()
     variants = DEFAULT_VARIANTS if args.default_variants else VARIANTS
-    results, failures = run(args.full, variants, progress=lambda line: print(line, file=sys.stderr, flush=True))
+    results, failures = run(args.full, variants, progress=lambda line: print(line, file=sys.stderr, flush=True),
+                            jobs=candidate_jobs() if args.candidates else None)
     print(table(results))
     spilling = sum(1 for r in results if r.spill_stores or r.spill_loads)
     errors = sum(1 for r in results if r.error)

@@ -14,10 +14,11 @@ The copy bandwidth is measured in the same run; the floor is the traffic a fused
 (forward: read s, t; forward + backward: read s, t and write ds, dt) at that bandwidth.
 
     python kernels/bench_kd.py                      # GPU: the issue's shapes, fp32 and bf16
-    python kernels/bench_kd.py --quick --json out.json
+    python kernels/bench_kd.py --quick --json out.json       # no torch.compile variant: its compile is slow
+    python kernels/bench_kd.py --tune --winners kernels/kd_launch_winners.json   # launch configurations (GPU)
 On a machine without CUDA it runs small shapes on CPU (``--quick`` is implied); the fused variants
 then need TRITON_INTERPRET=1 (the interpreter: correct, not fast) and are skipped otherwise.
-The Markdown table is printed last.
+The Markdown table is printed last; ``--json`` is rewritten after every measured row.
 """
 from __future__ import annotations
 
@@ -36,6 +37,11 @@ import kd_core  # noqa: E402
 
 GPU_SHAPES = [(64, 100), (256, 1000), (2048, 1000), (8192, 32768), (4096, 131072), (16384, 131072)]
 QUICK_GPU_SHAPES = [(64, 100), (256, 1000), (2048, 1000), (8192, 32768)]
+# --tune: the shapes whose launch configuration is chosen by measurement (the large-K ones are probably
+# latency-bound; 64x100 is the CIFAR training step's) and where the winners go.
+TUNE_SHAPES = [(64, 100), (256, 1000), (8192, 32768), (4096, 131072)]
+TUNE_DTYPES = ["fp32", "bf16"]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CPU_SHAPES = [(8, 16), (64, 100)]
 TAU = 4.0
 WEIGHTS = {"kl_ts": 0.9, "kl_st": 0.9, "ce_s": 0.1, "ce_t": 0.5}
@@ -141,6 +147,94 @@ def bench_one(name, fn, s0, t0, y, device, iters, warmup):
     return out
 
 
+def tune_candidates(n: int, k: int, dtype: torch.dtype, n_sm: int) -> list[dict]:
+    """The launch configurations ``--tune`` times for one shape, as ``kd_core._KD_TUNE`` overrides: the
+    heuristic default first, then twice the warps (more threads per program: fewer registers per thread, and
+    more loads in flight where one program per SM is latency-bound; fewer warps spilled the 16-bit
+    gradient-in-forward tile), half the tile width, and split-K switched (off when the heuristic splits, on
+    with 2 splits when K has room for it). kernels/aot_check.py --candidates compiles every one of them for
+    sm_90 and sm_80 (no spill allowed)."""
+    saved_sm = kd_core._sm_count
+    kd_core._sm_count = lambda device: n_sm
+    try:
+        cfg = kd_core._kd_config(n, k, torch.empty((), dtype=dtype).element_size(), torch.device("meta"))
+    finally:
+        kd_core._sm_count = saved_sm
+    out = [{}, {"num_warps": 2 * cfg["num_warps"]}]
+    if cfg["block_k"] >= 256:
+        out.append({"block_k": cfg["block_k"] // 2, "bwd_block_k": max(128, cfg["bwd_block_k"] // 2)})
+    if cfg["splits"] > 1:
+        out.append({"splits": 1})
+    elif k >= 4 * cfg["block_k"]:
+        out.append({"splits": 2})
+    return out
+
+
+class RowWriter:
+    """Writes the JSON after every measured row (atomically), so that a step cut short keeps its rows."""
+
+    def __init__(self, path: str | None, meta: dict) -> None:
+        self.path, self.doc = (Path(path) if path else None), {"meta": meta, "results": []}
+
+    def add(self, row: dict) -> None:
+        self.doc["results"].append(row)
+        if self.path is not None:
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text(json.dumps(self.doc, indent=1))
+            tmp.replace(self.path)
+
+
+def tune(shapes, dt_names, device, iters, warmup, writer: RowWriter, winners_path: str | None) -> list[dict]:
+    """Time every candidate launch configuration of the training path (distill_terms forward + backward,
+    and distill_loss beside it) per shape and dtype; the fastest forward + backward wins. Writes the winners
+    for ``kd_core`` to read (``kd_core._launch_winner``): the card's name, the versions, one entry per shape."""
+    n_sm = torch.cuda.get_device_properties(device).multi_processor_count
+    kd_core._launch_winner = lambda *args: {}   # candidates vary the heuristics, never an earlier winners file
+    winners = []
+    for (n, k) in shapes:
+        for dn in dt_names:
+            s0, t0, y = _inputs(n, k, DTYPES[dn], device)
+            timed = []
+            for cand in tune_candidates(n, k, DTYPES[dn], n_sm):
+                kd_core._KD_TUNE.clear()
+                kd_core._KD_TUNE.update(cand)
+                for name, fn in (("fused", lambda s, t, y: pesf_loss(s, t, y, "triton")), ("fused_gif", _gif)):
+                    r = bench_one(name, fn, s0, t0, y, device, iters, warmup)
+                    writer.add({"N": n, "K": k, "dtype": dn, "variant": name, "tune": cand, **r})
+                    if name == "fused" and "fwd_bwd_s" in r:
+                        timed.append((r["fwd_bwd_s"], cand))
+            kd_core._KD_TUNE.clear()
+            if timed:
+                best_s, best = min(timed, key=lambda x: x[0])
+                winners.append({"N": n, "K": k, "dtype": dn, "tune": best, "fwd_bwd_s": best_s,
+                                "default_fwd_bwd_s": timed[0][0] if timed[0][1] == {} else None})
+                print(f"{n}x{k} {dn}: winner {best or 'default'} {best_s * 1e3:.3f} ms", flush=True)
+    if winners_path:
+        Path(winners_path).write_text(json.dumps({"device": torch.cuda.get_device_name(device),
+                                                  "torch": torch.__version__, "triton": _triton_version(),
+                                                  "date": time.strftime("%Y-%m-%d"), "winners": winners}, indent=1))
+    return winners
+
+
+def _triton_version() -> str | None:
+    try:
+        import triton
+        return triton.__version__
+    except ImportError:
+        return None
+
+
+def _inputs(n, k, dtype, device):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    s0 = (torch.randn(n, k, generator=g) * 3).to(device=device, dtype=dtype)
+    t0 = (torch.randn(n, k, generator=g) * 3).to(device=device, dtype=dtype)
+    return s0, t0, torch.randint(0, k, (n,), generator=g).to(device)
+
+
+def _gif(s, t, y):
+    return kd_core.distill_loss(s, t, y, TAU, WEIGHTS, adjust=True, detach_targets=True, backend="triton")[0]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small shapes and few iterations")
@@ -150,6 +244,10 @@ def main(argv=None):
     ap.add_argument("--iters", type=int, default=None)
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("--device", default=None)
+    ap.add_argument("--tune", action="store_true",
+                    help="GPU: time the candidate launch configurations (tune_candidates) instead of the variants")
+    ap.add_argument("--winners", default=None, help="--tune: write the winning configurations here "
+                    "(kd_core reads kernels/kd_launch_winners.json, or $PESF_KD_WINNERS, when present)")
     args = ap.parse_args(argv)
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -159,11 +257,13 @@ def main(argv=None):
         shapes = [tuple(int(v) for v in x.split("x")) for x in args.shapes.split(",")]
     else:
         shapes = (QUICK_GPU_SHAPES if quick else GPU_SHAPES) if on_gpu else CPU_SHAPES
+    if args.tune:
+        shapes = [tuple(int(v) for v in x.split("x")) for x in args.shapes.split(",")] if args.shapes else TUNE_SHAPES
     dt_names = (args.dtypes or ("fp32,bf16" if on_gpu else "fp32")).split(",")
-    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     iters = args.iters or (5 if quick else 20)
     warmup = 1 if not on_gpu else 3
-    variants = args.variants.split(",")
+    # --quick leaves out torch.compile: its compile alone takes longer than the rest of the quick table
+    variants = [v for v in args.variants.split(",") if not (quick and v == "compile")]
     interpret = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
     fused_ok = kd_core.triton_available() and (on_gpu or interpret)
 
@@ -173,8 +273,7 @@ def main(argv=None):
             fns["compile"] = torch.compile(lambda s, t, y: pesf_loss(s, t, y, "torch"))
     if fused_ok:
         fns["fused"] = lambda s, t, y: pesf_loss(s, t, y, "triton")
-        fns["fused_gif"] = lambda s, t, y: kd_core.distill_loss(
-            s, t, y, TAU, WEIGHTS, adjust=True, detach_targets=True, backend="triton")[0]
+        fns["fused_gif"] = _gif
     liger = _liger_variant() if "liger" in variants and on_gpu else None
     if liger is not None:
         fns["liger"] = liger
@@ -187,14 +286,15 @@ def main(argv=None):
             "torch": torch.__version__, "triton_interpret": interpret, "copy_bandwidth_GBps": bw,
             "date": time.strftime("%Y-%m-%d"), "skipped_variants": skipped, "iters": iters,
             "loss": "0.9 kl_ts + 0.9 kl_st + 0.1 ce_s + 0.5 ce_t, label-adjusted detached targets, tau 4"}
-    results = []
+    writer = RowWriter(args.json, meta)
+    if args.tune:
+        if not (on_gpu and fused_ok):
+            raise SystemExit("bench_kd.py --tune: needs a CUDA device and triton")
+        return tune(shapes, dt_names, device, iters, warmup, writer, args.winners)
+    results = writer.doc["results"]
     for (n, k) in shapes:
         for dn in dt_names:
-            dtype = dtypes[dn]
-            g = torch.Generator(device="cpu").manual_seed(0)
-            s0 = (torch.randn(n, k, generator=g) * 3).to(device=device, dtype=dtype)
-            t0 = (torch.randn(n, k, generator=g) * 3).to(device=device, dtype=dtype)
-            y = torch.randint(0, k, (n,), generator=g).to(device)
+            s0, t0, y = _inputs(n, k, DTYPES[dn], device)
             elem = s0.element_size()
             floor_fwd = 2 * n * k * elem / (bw * 1e9)
             floor_fb = 4 * n * k * elem / (bw * 1e9)
@@ -206,12 +306,10 @@ def main(argv=None):
                     row["fwd_bwd_GBps"] = 4 * n * k * elem / r["fwd_bwd_s"] / 1e9
                     row["fwd_GBps"] = 2 * n * k * elem / r["fwd_s"] / 1e9
                     row["x_floor"] = r["fwd_bwd_s"] / floor_fb
-                results.append(row)
+                writer.add(row)
                 print(f"{n}x{k} {dn} {name}: " + (r.get("error") or
                       f"fwd {r['fwd_s'] * 1e3:.3f} ms, fwd+bwd {r['fwd_bwd_s'] * 1e3:.3f} ms"), flush=True)
             del s0, t0
-    if args.json:
-        Path(args.json).write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     print()
     print(f"device: {meta['device']}; copy bandwidth {bw:.0f} GB/s; torch {torch.__version__}"
           + ("; Triton INTERPRETER (not a performance number)" if interpret and not on_gpu else "")

@@ -2,6 +2,7 @@
 spends its minutes on a broken script."""
 import json
 import math
+import re
 from pathlib import Path
 
 from conftest import load_script
@@ -13,9 +14,19 @@ def test_device_check_runs_every_step_and_writes_the_report(tmp_path, capsys):
     out = tmp_path / "out"
     rc = device_check.main(["--device", "cpu", "--out", str(out), "--teacher", "resnet8", "--student", "resnet8",
                             "--steps", "2", "--test-filter", "swap_correction", "--budget", "inf"])
-    report = capsys.readouterr().out
+    printed = capsys.readouterr().out
     assert rc == 0, (out / "device_check.log").read_text()[-3000:]
-    assert "Triton interpreter: ok" in report and "1 passed" in report
+    # The plan comes first: one line per step (kernels/aot_check.py --plan binds every launch of the step as
+    # Triton would for sm_90), the GPU case set keeps the kernel tests' compiles bounded, and the estimate of
+    # the whole check on an H100 fits the one device call.
+    planned = {name: int(n) for name, n in re.findall(r"^(\w+): planned compiles: (\d+)", printed, re.M)}
+    assert list(planned) == [step.name for step in device_check.STEPS]
+    assert 0 < planned["kernel_tests"] <= 160 + device_check.FIXED_TEST_COMPILES and planned["bench_tune"] > 0
+    assert float(re.search(r"^estimate on an H100: (\d+) s", printed, re.M).group(1)) <= 540
+    assert printed.index("planned compiles") < printed.index("# Device check")
+    report = printed[printed.index("# Device check"):]
+    assert "## Kernel tests: ok" in report and "Triton interpreter: 1 passed" in report
+    assert "$ env KD_KERNEL_CASE_SET=gpu " in (out / "device_check.log").read_text()   # 60 cases, not 240
     assert (out / "report.md").read_text() == report.rstrip("\n") + "\n"
     bench = json.loads((out / "bench_quick.json").read_text())
     assert {r["variant"] for r in bench["results"]} >= {"eager"}

@@ -125,12 +125,12 @@ def test_failed_cuda_graph_capture_warns_once_and_runs_eagerly(monkeypatch):
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 5))
     eager_model = copy.deepcopy(model)
 
+    monkeypatch.setattr(engine, "graph_backend", lambda device: engine.EagerGraphs())   # as on a GPU
+
     def make_step(m, graph: bool) -> engine.TrainStep:
         opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
-        step = engine.TrainStep(lambda x, y, i: (None, {"ce": F.cross_entropy(m(x), y)}), opt, None,
-                                torch.device("cpu"), cuda_graph=False, warmup=0)
-        step.cuda_graph = graph   # as on a GPU: the first call captures
-        return step
+        return engine.TrainStep(lambda x, y, i: (None, {"ce": F.cross_entropy(m(x), y)}), opt, None,
+                                torch.device("cpu"), cuda_graph=graph, warmup=0)   # the first call captures
 
     graphed, eager = make_step(model, True), make_step(eager_model, False)
     captures = []

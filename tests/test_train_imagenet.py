@@ -101,3 +101,40 @@ def test_shipped_configs_parse_and_name_known_methods():
     assert len(files) >= 9
     for path in files:
         parse_method(engine.build_config(ImagenetConfig, str(path)).method)
+
+
+def test_per_sample_seeding_leaves_the_cuda_generators_alone(image_tree, monkeypatch):
+    """workers=0 augments in the main process: seeding a sample must not reseed the training step's CUDA RNG."""
+    reseeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: reseeded.append(seed))
+    monkeypatch.setattr(torch.cuda, "manual_seed", lambda seed: reseeded.append(seed))
+    dataset = train_imagenet.image_folder(image_tree / "train", True, 32)
+    torch.manual_seed(5)
+    reseeded.clear()
+    state = torch.get_rng_state()
+    first, again, other = dataset[(7, 2)][0], dataset[(7, 2)][0], dataset[(8, 2)][0]
+    assert reseeded == []
+    assert torch.equal(torch.get_rng_state(), state)          # the CPU generator is restored too
+    assert torch.equal(first, again) and not torch.equal(first, other)
+
+
+def test_channels_last_batches_hold_the_same_values(image_tree):
+    dataset = train_imagenet.image_folder(image_tree / "val", False, 32)
+    plain, last = (next(train_imagenet.LoaderBatches(dataset, 3, False, torch.device("cpu"), 0, 0, 1, 0,
+                                                      channels_last=cl).epoch(0))[0] for cl in (False, True))
+    assert last.is_contiguous(memory_format=torch.channels_last) and not plain.is_contiguous(
+        memory_format=torch.channels_last)
+    assert last.dtype == torch.float32 and torch.equal(last, plain)
+
+
+def test_a_cuda_graph_is_refused_under_ddp_and_off_cuda(image_tree, tmp_path, capsys):
+    import engine
+    engine.check_cuda_graph(True, engine.Dist(device=torch.device("cuda")))          # one GPU process: allowed
+    engine.check_cuda_graph(False, engine.Dist(world=2, device=torch.device("cuda")))
+    with pytest.raises(engine.ConfigError, match="cuda_graph needs one process on a CUDA device"):
+        engine.check_cuda_graph(True, engine.Dist(world=2, device=torch.device("cuda")))
+    args = ["--teacher", "resnet18", "--student", "resnet18", "--out", str(tmp_path / "r"), "--workers", "0",
+            "--data-dir", str(image_tree), "--device", "cpu", "--set", "cuda_graph=true"]
+    assert train_imagenet.main(args) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "cuda_graph needs one process on a CUDA device" in err[0]

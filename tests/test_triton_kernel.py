@@ -11,7 +11,6 @@ reference written here from the SPEC sec. 1 formulas (loops, explicit swaps, aut
 """
 import math
 import os
-import random
 
 import pytest
 import torch
@@ -22,6 +21,7 @@ if not INTERPRET and not torch.cuda.is_available():
                 "(run: TRITON_INTERPRET=1 python -m pytest tests, as .ci/run does)", allow_module_level=True)
 
 import kd_core  # noqa: E402
+from kernel_cases import case_seeds, make_case  # noqa: E402
 
 if not kd_core.triton_available():
     pytest.skip("triton is not importable here", allow_module_level=True)
@@ -97,59 +97,6 @@ def run_backend(s, t, y, tau, adjust, ignore_index, detach, reduction, weights, 
 # ---------------------------------------------------------------------------------------------
 # Random cases
 # ---------------------------------------------------------------------------------------------
-SHAPES = [(1, 1), (1, 2), (3, 1), (3, 2), (1, 7), (4, 5), (2, 33), (5, 64), (3, 100), (6, 130), (2, 300), (9, 17)]
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-# Launch configurations, scaled to K so that the interpreter runs a few blocks per row, not dozens:
-# heuristic default, several K blocks, several rows per program, split-K (+ several rows).
-CONFIGS = ["default", "blocks", "rows", "split", "split_rows"]
-
-
-def config_for(name, k):
-    p = 1 << max(0, k - 1).bit_length()          # next power of two >= K
-    return {"default": {},
-            "blocks": {"block_k": max(1, p // 4), "bwd_block_k": max(1, p // 2)},
-            "rows": {"rows": 4, "bwd_rows": 2, "block_k": max(1, p // 2)},
-            "split": {"splits": 3, "block_k": max(1, p // 4), "bwd_block_k": max(1, p // 4), "bwd_rows": 4},
-            "split_rows": {"rows": 2, "splits": 2, "block_k": max(1, p // 4)}}[name]
-
-
-def make_case(seed):
-    rng = random.Random(seed)
-    n, k = rng.choice(SHAPES)
-    dtype = rng.choice(DTYPES)
-    g = torch.Generator().manual_seed(seed)
-    scale = rng.choice([0.5, 3.0, 8.0])
-    if rng.random() < 0.25:   # integer logits: many ties
-        s = torch.randint(-2, 3, (n, k), generator=g).float()
-        t = torch.randint(-2, 3, (n, k), generator=g).float()
-    else:
-        s = torch.randn(n, k, generator=g) * scale
-        t = torch.randn(n, k, generator=g) * scale + rng.choice([0.0, 5.0])
-    y = torch.randint(0, k, (n,), generator=g)
-    for i in range(n):        # some rows already have label == argmax (no swap)
-        r = rng.random()
-        if r < 0.2:
-            y[i] = int(t[i].argmax())
-        elif r < 0.3:
-            y[i] = int(s[i].argmax())
-        elif r < 0.4:
-            y[i] = -100
-    strided = rng.random() < 0.4
-    if strided:               # rows with a stride != K: views into wider buffers
-        pad = rng.choice([1, 3, 8])
-        bs = torch.randn(n, k + pad, generator=g)
-        bt = torch.randn(n, k + pad, generator=g)
-        bs[:, pad // 2:pad // 2 + k] = s
-        bt[:, pad // 2:pad // 2 + k] = t
-        s, t = bs.to(dtype)[:, pad // 2:pad // 2 + k], bt.to(dtype)[:, pad // 2:pad // 2 + k]
-    else:
-        s, t = s.to(dtype), t.to(dtype)
-    return dict(s=s.to(DEVICE), t=t.to(DEVICE), y=y.to(DEVICE), tau=rng.choice([1.0, 2.0, 4.0]),
-                adjust=rng.random() < 0.75, detach=rng.random() < 0.5,
-                reduction=rng.choice(["mean", "sum", "none"]),
-                weights=[rng.uniform(-1, 1) for _ in range(7)], config=config_for(rng.choice(CONFIGS), k))
-
-
 def tolerances(dtype):
     # Values: fp32 math on the same (rounded) inputs, so tight for every dtype. Gradients are
     # rounded to the input dtype on output.
@@ -163,13 +110,13 @@ def assert_close(got, want, rel, what):
     assert err <= rel * scale, f"{what}: max abs err {err:.3g} > {rel:.1g} * {scale:.3g}"
 
 
-N_CASES = int(os.environ.get("KD_KERNEL_CASES", "240"))
+SEEDS = case_seeds()
 
 
 @pytest.mark.parametrize("chunk", range(8))
 def test_random_cases_match_torch_and_float64(chunk):
-    for seed in range(chunk, N_CASES, 8):
-        c = make_case(seed)
+    for seed in SEEDS[chunk::8]:
+        c = make_case(seed, DEVICE)
         kd_core._KD_TUNE.clear()
         kd_core._KD_TUNE.update(c["config"])
         args = (c["s"], c["t"], c["y"], c["tau"], c["adjust"], -100, c["detach"], c["reduction"], c["weights"])

@@ -24,14 +24,13 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 import checkpoints
 import engine
+import imagenet_data
 import models
 from distillers import DistillConfig, build_distiller, method_names, needs_teacher
 from distillers.feature import run_init_stage
 from distillers.nlp import FACTORIES as BERT_ONLY_TERMS
+from imagenet_data import IMAGENET_MEAN, IMAGENET_STD, KINDS
 from models.imagenet import MODELS as IMAGENET_MODELS
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass
@@ -67,6 +66,7 @@ class ImagenetConfig:
     crd_negatives: str = "other_class"      # other_class (RepDistiller's default) | uniform
     image_size: int = 224
     workers: int = 8                        # data-loading processes per rank
+    decode: str = "auto"                    # pil | cpu | gpu (imagenet_data.py); auto: gpu on CUDA, cpu elsewhere
     seed: int = 0
     device: str = "auto"
     amp: str = "auto"                       # bf16 | none | auto (bf16 on CUDA)
@@ -82,7 +82,8 @@ class ImagenetConfig:
 
 
 # ----------------------------------------------------------------------------------------------
-# Data: ImageFolder decoded and augmented by worker processes as uint8, normalised on the device
+# Data: ImageFolder read by worker processes, decoded and augmented as uint8 by imagenet_data's path,
+# normalised on the device
 # ----------------------------------------------------------------------------------------------
 class Indexed(Dataset):
     """Adds the sample index (CRD's memory bank needs it). An item may also be ``(key, i)``: sample ``i``
@@ -122,27 +123,20 @@ class EpochSampler(DistributedSampler):
         return super().__len__() - self.start * self.batch
 
 
-def image_folder(root: Path, train: bool, size: int) -> Dataset:
-    import torchvision.transforms as T
-    from torchvision.datasets import ImageFolder
-    if not root.is_dir():
-        raise FileNotFoundError(f"ImageNet split not found: {root} (expected an ImageFolder tree <data_dir>/"
-                                f"{root.name}/<class>/<image>; set --data-dir or PESF_IMAGENET)")
-    if train:
-        transform = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.PILToTensor()])
-    else:
-        transform = T.Compose([T.Resize(size * 8 // 7), T.CenterCrop(size), T.PILToTensor()])
-    return Indexed(ImageFolder(str(root), transform=transform))
+def image_folder(root: Path, train: bool, size: int, decode: str = "pil") -> Dataset:
+    return Indexed(imagenet_data.image_files(root, train, size, decode))
 
 
 class LoaderBatches:
-    """DataLoader over a sharded sampler; yields normalised ``(x, y, index)`` on the device.
+    """DataLoader over a sharded sampler; yields normalised ``(x, y, index)`` on the device, ``x`` in ``dtype``.
 
-    Training drops the last partial batch and reshuffles per epoch (seeded by seed and epoch).
+    Training drops the last partial batch and reshuffles per epoch (seeded by seed and epoch). An epoch
+    with odd files (imagenet_data.KINDS) ends with one line counting them, through ``report``.
     """
 
     def __init__(self, dataset: Dataset, batch_size: int, train: bool, device: torch.device, seed: int,
-                 rank: int, world: int, workers: int, limit: int = 0, channels_last: bool = False) -> None:
+                 rank: int, world: int, workers: int, limit: int = 0, channels_last: bool = False,
+                 dtype: torch.dtype = torch.float32, report=None) -> None:
         if train and batch_size % world:
             raise ValueError(f"batch_size {batch_size} must be divisible by the number of processes {world}")
         # Evaluation shards every image exactly once: DistributedSampler would pad the last shard with
@@ -151,12 +145,14 @@ class LoaderBatches:
         self.sampler = EpochSampler(dataset, per_rank, num_replicas=world, rank=rank, seed=seed) if train \
             else range(rank, len(dataset), world)
         self.loader = DataLoader(dataset, batch_size=per_rank, sampler=self.sampler, num_workers=workers,
-                                 pin_memory=device.type == "cuda", drop_last=train, persistent_workers=workers > 0)
+                                 collate_fn=imagenet_data.collate, pin_memory=device.type == "cuda",
+                                 drop_last=train, persistent_workers=workers > 0)
         self.steps = len(self.loader)
         self.device, self.limit = device, limit
         self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.dtype, self.report, self.split = dtype, report, "train" if train else "validation"
 
     def __len__(self) -> int:
         return min(self.steps, self.limit) if self.limit else self.steps
@@ -166,12 +162,21 @@ class LoaderBatches:
         if isinstance(self.sampler, EpochSampler):
             self.sampler.set_epoch(epoch)
             self.sampler.start = start
-        for i, (x, y, index) in enumerate(self.loader, start=start):
+        kinds = torch.zeros(len(KINDS), dtype=torch.long)
+        for i, (batch, y, index) in enumerate(self.loader, start=start):
             if i == len(self):
-                return
-            x = x.to(self.device, non_blocking=True).float().sub_(self.mean).div_(self.std)
-            yield (x.contiguous(memory_format=self.memory_format), y.to(self.device, non_blocking=True),
-                   index.to(self.device, non_blocking=True))
+                break
+            kinds += batch.kinds.bincount(minlength=len(KINDS))
+            x = batch.images(self.device).contiguous(memory_format=self.memory_format)
+            x = x.float().sub_(self.mean).div_(self.std).to(self.dtype)
+            yield x, y.to(self.device, non_blocking=True), index.to(self.device, non_blocking=True)
+        self.report_odd_files(epoch, engine.all_reduce_sum(kinds.to(self.device)).tolist())
+
+    def report_odd_files(self, epoch: int, kinds: list[int]) -> None:
+        if self.report is not None and sum(kinds[1:]):
+            counts = ", ".join(f"{n} {kind}" for kind, n in zip(KINDS[1:], kinds[1:]) if n)
+            self.report(f"{self.split} epoch {epoch + 1}: {sum(kinds[1:])} odd file(s) of {sum(kinds)} decoded "
+                        f"by PIL on the CPU ({counts})")
 
 
 class SyntheticBatches:
@@ -233,6 +238,7 @@ def resolve(cfg: ImagenetConfig, dist: engine.Dist) -> tuple[ImagenetConfig, tor
                                      f"{', '.join(known)}")
     pair = cfg.student if not needs_teacher(cfg.method) else f"{cfg.teacher}_{cfg.student}"
     cfg = dataclasses.replace(cfg, amp=amp, out=cfg.out or f"runs/imagenet/{cfg.method}_{pair}_s{cfg.seed}",
+                              decode=imagenet_data.resolve_decode(cfg.decode, dist.device),
                               channels_last=cuda if cfg.channels_last is None else cfg.channels_last)
     return cfg, amp_dtype
 
@@ -252,11 +258,12 @@ def run(cfg: ImagenetConfig, resume: bool | str = False) -> dict:
         train_labels = train.y.repeat(len(train) * dist.world)   # bank row i holds batch row i % batch
     else:
         root = Path(cfg.data_dir)
-        train_set = image_folder(root / "train", True, cfg.image_size)
-        val_set = image_folder(root / "val", False, cfg.image_size)
+        train_set = image_folder(root / "train", True, cfg.image_size, cfg.decode)
+        val_set = image_folder(root / "val", False, cfg.image_size, cfg.decode)
         num_classes, train_labels = len(train_set.dataset.classes), torch.tensor(train_set.dataset.targets)
         common = dict(device=dist.device, seed=cfg.seed, rank=dist.rank, world=dist.world, workers=cfg.workers,
-                      limit=cfg.limit_batches, channels_last=cfg.channels_last)
+                      limit=cfg.limit_batches, channels_last=cfg.channels_last, dtype=amp_dtype or torch.float32,
+                      report=log.print)
         train = LoaderBatches(train_set, cfg.batch_size, True, **common)
         test = LoaderBatches(val_set, max(1, cfg.eval_batch_size // dist.world), False, **common)
         if len(train) == 0:

@@ -230,7 +230,7 @@ MUTANTS = [
            "index = torch.argsort(self.data.lengths, stable=True)[0::self.world]",
            [f"{GLUE}::test_batches_pad_to_the_longest_row_and_shard_the_global_batch", LOOP],
            "every GLUE rank evaluates rank 0's shard"),
-    Mutant("imagenet-no-flip", "train_imagenet.py",
+    Mutant("imagenet-no-flip", "imagenet_data.py",
            "T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.PILToTensor()])",
            "T.Compose([T.RandomResizedCrop(size), T.PILToTensor()])",
            ["tests/test_train_imagenet.py", LOOP], "ImageNet training without the horizontal flip"),

@@ -43,7 +43,7 @@ def tiny(tmp_path, data, **keys) -> ImagenetConfig:
 
 
 def test_validation_batches_are_the_resized_centre_crop(image_tree):
-    dataset = train_imagenet.image_folder(image_tree / "val", False, 32)
+    dataset = train_imagenet.image_folder(image_tree / "val", False, 32, "pil")
     batches = train_imagenet.LoaderBatches(dataset, 2, False, torch.device("cpu"), 0, 0, 1, 0)
     x, y, index = next(batches.epoch(0))
     mean = torch.tensor(train_imagenet.IMAGENET_MEAN).view(3, 1, 1) * 255

@@ -1,0 +1,170 @@
+"""ImageNet input for train_imagenet.py: three ways to decode and augment a training image, the real data
+set's odd files, and a benchmark of the three (``train_imagenet.py --benchmark-data DIR``).
+
+``--decode`` picks where the JPEG is decoded and augmented; the augmentation is the same on all three:
+- ``pil``: PIL in the data-loading workers, torchvision's PIL transforms (the reference);
+- ``cpu``: ``torchvision.io.decode_jpeg`` and ``transforms.v2`` on uint8 tensors in the workers;
+- ``gpu``: the workers only read the file's bytes and draw the crop; the main process decodes the whole
+  batch with ``decode_jpeg(list_of_bytes, device=...)`` and crops, flips and normalises it there. On a
+  CPU device it runs the same code in the main process (how the tests drive it).
+Training draws the crop (RandomResizedCrop, scale 0.08-1, ratio 3/4-4/3) and the flip (50 %) from torch's
+RNG in the order torchvision's ``T.RandomResizedCrop`` and ``T.RandomHorizontalFlip`` draw them, in the worker,
+under the sample's own seed (train_imagenet.Indexed); so the three paths take the same crop of the same
+image. Validation resizes the shorter side to size * 8 / 7 (256 for 224) and takes the central square.
+
+Odd files (ImageNet's train set has 22 CMYK JPEGs, some grayscale ones and a PNG named ``.JPEG``) are
+decoded by PIL in the worker on every path, then augmented like the others, and counted per kind.
+"""
+from __future__ import annotations
+
+import io
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torchvision.transforms as T
+import torchvision.transforms.v2.functional as F
+from PIL import Image
+from torchvision.io import ImageReadMode, decode_jpeg
+
+from engine import ConfigError
+
+DECODE_PATHS = ("pil", "cpu", "gpu")
+KINDS = ("RGB JPEG", "grayscale JPEG", "CMYK JPEG", "other format")   # an odd file is any kind but the first
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+SCALE, RATIO = (0.08, 1.0), (3 / 4, 4 / 3)
+
+
+def resolve_decode(decode: str, device: torch.device) -> str:
+    """``auto`` is ``gpu`` on CUDA and ``cpu`` elsewhere."""
+    if decode == "auto":
+        return "gpu" if device.type == "cuda" else "cpu"
+    if decode not in DECODE_PATHS:
+        raise ConfigError(f"decode must be auto, {', '.join(DECODE_PATHS)}, got {decode!r}")
+    return decode
+
+
+def file_kind(image: Image.Image) -> int:
+    """Index into KINDS of an opened (not yet decoded) PIL image."""
+    if image.format != "JPEG":
+        return 3
+    return {"RGB": 0, "L": 1, "CMYK": 2}.get(image.mode, 3)
+
+
+def draw_crop(height: int, width: int, train: bool) -> list[int]:
+    """Training: ``[top, left, height, width, flip]`` drawn from torch's RNG exactly as torchvision's
+    RandomResizedCrop then RandomHorizontalFlip draw them; validation: ``[]`` (nothing random)."""
+    if not train:
+        return []
+    shape_only = torch.empty((), dtype=torch.uint8).expand(1, height, width)
+    top, left, h, w = T.RandomResizedCrop.get_params(shape_only, list(SCALE), list(RATIO))
+    return [top, left, h, w, int(torch.rand(1) < 0.5)]
+
+
+def augment(image: torch.Tensor, crop: list[int], size: int) -> torch.Tensor:
+    """A uint8 ``(3, H, W)`` image on any device -> uint8 ``(3, size, size)``: ``crop`` from ``draw_crop``
+    resized with antialiasing (and flipped), or for ``[]`` validation's resize and centre crop."""
+    if not crop:
+        return F.center_crop(F.resize(image, [size * 8 // 7], antialias=True), [size, size])
+    top, left, h, w, flip = crop
+    out = F.resized_crop(image, top, left, h, w, [size, size], antialias=True)
+    return F.horizontal_flip(out) if flip else out
+
+
+def pil_decode(data: bytes) -> torch.Tensor:
+    """The fallback: any format PIL reads, any mode, as a uint8 RGB tensor."""
+    return F.pil_to_tensor(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def read_bytes(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+class Item(NamedTuple):
+    """One image as a worker hands it on: ``pixels`` (uint8, augmented) when the worker decoded it, else
+    ``encoded`` (the file's bytes) and the ``crop`` to take on the device; ``size`` is the output's side."""
+    pixels: torch.Tensor | None
+    encoded: torch.Tensor | None
+    crop: list[int]
+    kind: int
+    size: int
+
+
+class Decoder:
+    """The ImageFolder transform of one decode path: a file's bytes -> Item (in a data-loading worker)."""
+
+    def __init__(self, decode: str, train: bool, size: int) -> None:
+        self.decode, self.train, self.size = decode, train, size
+        self.pil_transform = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.PILToTensor()]) \
+            if train else T.Compose([T.Resize(size * 8 // 7), T.CenterCrop(size), T.PILToTensor()])
+
+    def __call__(self, data: bytes) -> Item:
+        image = Image.open(io.BytesIO(data))   # reads the header only
+        kind = file_kind(image)
+        if self.decode == "pil":
+            return Item(self.pil_transform(image.convert("RGB")), None, [], kind, self.size)
+        crop = draw_crop(image.height, image.width, self.train)
+        if kind != 0:
+            return Item(augment(pil_decode(data), crop, self.size), None, crop, kind, self.size)
+        encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        if self.decode == "cpu":
+            pixels = augment(decode_jpeg(encoded, mode=ImageReadMode.RGB), crop, self.size)
+            return Item(pixels, None, crop, kind, self.size)
+        return Item(None, encoded, crop, kind, self.size)
+
+
+def image_files(root: Path, train: bool, size: int, decode: str):
+    """The ImageFolder tree at ``root`` read as file bytes and decoded by ``decode``'s path."""
+    from torchvision.datasets import ImageFolder
+    if not root.is_dir():
+        raise FileNotFoundError(f"ImageNet split not found: {root} (expected an ImageFolder tree <data_dir>/"
+                                f"{root.name}/<class>/<image>; set --data-dir or PESF_IMAGENET)")
+    return ImageFolder(str(root), loader=read_bytes, transform=Decoder(decode, train, size))
+
+
+class Batch(NamedTuple):
+    """A worker's batch: the rows it decoded (``pixels`` at ``pixel_rows``), the files left to decode on the
+    device (``encoded``, the files' bytes one after another, ``lengths`` each, at ``encoded_rows``, with their
+    ``crops``), every row's ``kinds`` (index into KINDS), and the images' side ``size``."""
+    pixels: torch.Tensor
+    pixel_rows: torch.Tensor
+    encoded: torch.Tensor
+    lengths: torch.Tensor
+    encoded_rows: torch.Tensor
+    crops: list[list[int]]
+    kinds: torch.Tensor
+    size: int
+
+    def images(self, device: torch.device) -> torch.Tensor:
+        """The batch as uint8 ``(B, 3, size, size)`` on ``device``, decoding the encoded files there."""
+        x = torch.empty(len(self.kinds), 3, self.size, self.size, dtype=torch.uint8, device=device)
+        x[self.pixel_rows.to(device)] = self.pixels.to(device, non_blocking=True)
+        if len(self.encoded_rows):
+            files = list(torch.split(self.encoded, self.lengths.tolist()))
+            decoded = decode_jpeg(files, mode=ImageReadMode.RGB, device=device)
+            for row, image, crop in zip(self.encoded_rows.tolist(), decoded, self.crops):
+                x[row] = augment(image, crop, self.size)
+        return x
+
+
+def collate(samples: list[tuple]) -> tuple[Batch, torch.Tensor, torch.Tensor]:
+    """``(x, label, index)`` samples -> ``(Batch, labels, indices)``; ``x`` is an Item or a uint8 image."""
+    items = [x if isinstance(x, Item) else Item(x, None, [], 0, x.shape[-1]) for x, _, _ in samples]
+    size = items[0].size
+    decoded = [r for r, item in enumerate(items) if item.pixels is not None]
+    encoded = [r for r, item in enumerate(items) if item.pixels is None]
+    pixels = torch.stack([items[r].pixels for r in decoded]) if decoded else \
+        torch.empty(0, 3, size, size, dtype=torch.uint8)
+    files = [items[r].encoded for r in encoded]
+    batch = Batch(pixels=pixels, pixel_rows=torch.tensor(decoded, dtype=torch.long),
+                  encoded=torch.cat(files) if files else torch.empty(0, dtype=torch.uint8),
+                  lengths=torch.tensor([len(f) for f in files], dtype=torch.long),
+                  encoded_rows=torch.tensor(encoded, dtype=torch.long),
+                  crops=[items[r].crop for r in encoded],
+                  kinds=torch.tensor([item.kind for item in items], dtype=torch.long), size=size)
+    return batch, torch.tensor([y for _, y, _ in samples]), torch.tensor([i for _, _, i in samples])

@@ -2,6 +2,7 @@
 
     torchrun --nproc_per_node=8 train_imagenet.py --method pesf --data-dir /data/imagenet
     python train_imagenet.py --config configs/imagenet/kd.yaml --data-dir /data/imagenet
+    python train_imagenet.py --benchmark-data /data/imagenet/val/n01440764   # images/s of each --decode path
 
 The data folder is a torchvision ImageFolder tree (``train/<class>/*.JPEG``, ``val/<class>/*.JPEG``).
 The teacher is torchvision's pretrained ResNet-50 (``teacher_weights``) or a checkpoint
@@ -29,7 +30,7 @@ import models
 from distillers import DistillConfig, build_distiller, method_names, needs_teacher
 from distillers.feature import run_init_stage
 from distillers.nlp import FACTORIES as BERT_ONLY_TERMS
-from imagenet_data import IMAGENET_MEAN, IMAGENET_STD, KINDS
+from imagenet_data import KINDS
 from models.imagenet import MODELS as IMAGENET_MODELS
 
 
@@ -101,8 +102,7 @@ class Indexed(Dataset):
             x, y = self.dataset[item]
             return x, y, item
         key, i = item
-        with torch.random.fork_rng(devices=[]):   # torchvision's random transforms draw from torch's RNG
-            torch.manual_seed(key * 10_000_019 + i)
+        with imagenet_data.sample_rng(key * 10_000_019 + i):   # torchvision's transforms draw from torch's RNG
             x, y = self.dataset[i]
         return x, y, i
 
@@ -149,10 +149,8 @@ class LoaderBatches:
                                  drop_last=train, persistent_workers=workers > 0)
         self.steps = len(self.loader)
         self.device, self.limit = device, limit
-        self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
-        self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.dtype, self.report, self.split = dtype, report, "train" if train else "validation"
+        self.normalise = imagenet_data.Normalise(device, dtype, channels_last)
+        self.report, self.split = report, "train" if train else "validation"
 
     def __len__(self) -> int:
         return min(self.steps, self.limit) if self.limit else self.steps
@@ -167,9 +165,7 @@ class LoaderBatches:
             if i == len(self):
                 break
             kinds += batch.kinds.bincount(minlength=len(KINDS))
-            x = batch.images(self.device).contiguous(memory_format=self.memory_format)
-            x = x.float().sub_(self.mean).div_(self.std).to(self.dtype)
-            yield x, y.to(self.device, non_blocking=True), index.to(self.device, non_blocking=True)
+            yield self.normalise(batch.images(self.device)), y.to(self.device, non_blocking=True), index.to(self.device, non_blocking=True)
         self.report_odd_files(epoch, engine.all_reduce_sum(kinds.to(self.device)).tolist())
 
     def report_odd_files(self, epoch: int, kinds: list[int]) -> None:
@@ -294,6 +290,17 @@ def run(cfg: ImagenetConfig, resume: bool | str = False) -> dict:
     return summary
 
 
+def benchmark_data(cfg: ImagenetConfig, folder: str) -> dict:
+    """--benchmark-data: imagenet_data.benchmark on ``folder``; the table, and <out>/benchmark_data.json."""
+    device = torch.device(engine.check_device(cfg.device))
+    log = engine.RunLog(cfg.out or "runs/imagenet/benchmark_data")
+    paths = None if cfg.decode == "auto" else (imagenet_data.resolve_decode(cfg.decode, device),)
+    result = imagenet_data.benchmark(Path(folder), device, cfg.image_size, cfg.batch_size, decode_paths=paths)
+    log.print("\n".join(imagenet_data.benchmark_table(result)))
+    log.write_summary(result, "benchmark_data.json")
+    return result
+
+
 def parse_args(argv=None) -> tuple[ImagenetConfig, argparse.Namespace]:
     methods = [m for m in method_names() if not any(term in m for term in BERT_ONLY_TERMS)]
     p = engine.arg_parser(__doc__, "configs/imagenet/", [
@@ -310,14 +317,21 @@ def parse_args(argv=None) -> tuple[ImagenetConfig, argparse.Namespace]:
         ("limit-batches", int, "train and validation batches per epoch, for smoke runs (default 0: all)"),
         ("benchmark-steps", int, "time this many steps on synthetic data, write <out>/benchmark.json and stop"),
         ("workers", int, "data-loading processes per rank (default 8)"),
+        ("decode", str, "where images are decoded: pil, cpu (workers) or gpu (whole batches on the device); "
+                        "default auto: gpu on CUDA, cpu elsewhere"),
         ("save-every", int, "also write last.pt every N steps inside an epoch (default 0: epoch ends only)")])
-    return engine.parse_config(ImagenetConfig, p, argv)
+    p.add_argument("--benchmark-data", metavar="DIR", help="time each --decode path on the images under DIR, print "
+                   "a table, write <out>/benchmark_data.json and stop (no training)")
+    return engine.parse_config(ImagenetConfig, p, argv, actions=("benchmark_data",))
 
 
 def main(argv=None) -> int:
     def body() -> None:
         cfg, args = parse_args(argv)
-        run(cfg, resume=args.resume)
+        if args.benchmark_data:
+            benchmark_data(cfg, args.benchmark_data)
+        else:
+            run(cfg, resume=args.resume)
     return engine.cli(body)
 
 

@@ -83,6 +83,10 @@ def test_odd_files_are_decoded_right_and_counted_once_per_epoch(odd_tree, decode
         assert diff.mean() < (1e-3 if decode == "pil" else 0.05), (path.name, diff.mean())
     assert lines == ["validation epoch 1: 3 odd file(s) of 5 decoded by PIL on the CPU "
                      "(1 grayscale JPEG, 1 CMYK JPEG, 1 other format)"]
+    # Only the RGB JPEGs are left to the device (nvJPEG decodes no CMYK, and no PNG at all).
+    batch, _, index = imagenet_data.collate([dataset[i] for i in range(5)])
+    on_device = {Path(dataset.dataset.samples[int(index[r])][0]).stem for r in batch.encoded_rows.tolist()}
+    assert on_device == ({"rgb_a", "rgb_b"} if decode == "gpu" else set())
     train = train_imagenet.LoaderBatches(train_imagenet.image_folder(odd_tree / "train", True, 32, decode), 5, True,
                                          CPU, 0, 0, 1, 0, report=lines.append)
     for epoch in (0, 1):

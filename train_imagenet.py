@@ -296,7 +296,8 @@ def benchmark_data(cfg: ImagenetConfig, folder: str) -> dict:
     log = engine.RunLog(cfg.out or "runs/imagenet/benchmark_data")
     paths = None if cfg.decode == "auto" else (imagenet_data.resolve_decode(cfg.decode, device),)
     result = imagenet_data.benchmark(Path(folder), device, cfg.image_size, cfg.batch_size, decode_paths=paths)
-    log.print("\n".join(imagenet_data.benchmark_table(result)))
+    result["table"] = imagenet_data.benchmark_table(result)
+    log.print("\n".join(result["table"]))
     log.write_summary(result, "benchmark_data.json")
     return result
 

@@ -12,7 +12,11 @@ slow or hung step costs its own result and never the report:
    with the whole step in a CUDA graph (issue 5: pesf <= 3.5 ms, pesf/kd <= 1.10, dml/kd about 2.3);
 4. ``train_cifar.py --benchmark-steps --seeds`` for pesf: aggregate images/s of 1, 2, 4 and 8 runs at once in
    one process (issue 10: 8 runs >= 3x one graphed run);
-5. ``kernels/bench_kd.py`` on the large shapes, with the time that is left.
+5. ImageNet input (issue 23): ``train_imagenet.py --benchmark-data`` on JPEGs made from real photos
+   (``kernels/imagenet_photos.py``) beside ``train_imagenet.py --benchmark-steps`` for pesf resnet50 ->
+   resnet18 at batch 256: does the ``gpu`` decode path keep up with the step, and how many cores per GPU
+   would the CPU paths need;
+6. ``kernels/bench_kd.py`` on the large shapes, with the time that is left.
 On a CPU (``--device cpu``) the same steps run small: that is how CI checks this script.
 """
 from __future__ import annotations
@@ -160,6 +164,42 @@ def concurrency_table(rows: list[dict]) -> list[str]:
     return out
 
 
+def imagenet_input(args, budget: Budget, log: Path, cuda: bool, out: Path) -> list[str]:
+    """Step 5: the data benchmark's table, the training step's images/s and what they imply."""
+    with tempfile.TemporaryDirectory() as tmp:
+        photos, data, step = args.photos or str(Path(tmp) / "photos"), Path(tmp) / "data", Path(tmp) / "step"
+        status = "ok" if args.photos else run_logged(
+            [sys.executable, "kernels/imagenet_photos.py", photos, "--count", "200" if cuda else "6"], 60, budget, log)
+        if status == "ok":
+            status = run_logged([sys.executable, "train_imagenet.py", "--benchmark-data", photos, "--device",
+                                 args.device, "--out", str(data)] + ([] if cuda else ["--decode", "gpu"]), 120, budget,
+                                log)
+        if status != "ok":
+            return [f"photos or data benchmark: {status} (scikit-image missing? pass --photos DIR)"]
+        result = json.loads((data / "benchmark_data.json").read_text())
+        (out / "imagenet_data.json").write_text(json.dumps(result, indent=1))
+        size = ["--teacher", "resnet50", "--student", "resnet18", "--batch-size", "256", "--benchmark-steps", "30"] \
+            if cuda else ["--teacher", "resnet18", "--student", "resnet18", "--batch-size", "2", "--benchmark-steps",
+                          "1", "--set", "image_size=32"]
+        step_status = run_logged([sys.executable, "train_imagenet.py", "--method", "pesf", *size, "--device",
+                                  args.device, "--set", "teacher_weights=null", "--out", str(step)], 150, budget, log)
+        lines = result["table"]
+        if step_status != "ok":
+            return lines + ["", f"training step: {step_status}"]
+        rate = json.loads((step / "benchmark.json").read_text())["images_per_s"]
+    lines += ["", f"training step (pesf, {size[1]} -> {size[3]}, batch {size[5]}): {rate:.0f} images/s per GPU"]
+    for r in result["results"]:
+        cores = rate / r["images_per_s_per_core"]
+        if r["decode"] == "gpu":
+            lines.append(f"gpu decode: {r['device_images_per_s']:.0f} images/s per GPU, "
+                         f"{r['device_images_per_s'] / rate:.2f}x the step's rate "
+                         f"({'keeps up' if r['device_images_per_s'] >= rate else 'does NOT keep up'}; the device "
+                         f"time it takes comes out of the step's); its workers need {cores:.1f} cores per GPU")
+        else:
+            lines.append(f"{r['decode']}: {cores:.1f} cores per GPU to feed the step")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "device_check_out"))
@@ -169,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--student", default="resnet20")
     ap.add_argument("--steps", type=int, default=200, help="timed training steps per method")
     ap.add_argument("--test-filter", default=None, help="pytest -k for the kernel tests (CPU smoke runs)")
+    ap.add_argument("--photos", default=None, help="a folder of JPEGs for the ImageNet input step (default: made "
+                                                    "by kernels/imagenet_photos.py, which needs scikit-image)")
     args = ap.parse_args(argv)
     budget = Budget(args.budget)
     out = Path(args.out)
@@ -199,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "steps.json").write_text(json.dumps(steps, indent=1))
     concurrent_status, concurrent = concurrency(args, budget, log, cuda)
     (out / "concurrent.json").write_text(json.dumps(concurrent, indent=1))
+    imagenet_lines = imagenet_input(args, budget, log, cuda, out)
     full_status = run_logged(bench + ["--json", str(out / "bench_full.json")], 300, budget, log, env) \
         if cuda else "skipped (CPU)"
 
@@ -209,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
               f"## Training step, {args.teacher} -> {args.student}, batch 64", "", *steps_table(steps), "",
               f"## Concurrent pesf runs in one process, batch 64 each: {concurrent_status}", "",
               *concurrency_table(concurrent), "",
+              "## ImageNet input: decode paths and the training step", "", *imagenet_lines, "",
               f"## Fused kernel, large shapes: {full_status}", "", *bench_table(out / "bench_full.json")]
     text = "\n".join(report) + "\n"
     (out / "report.md").write_text(text)

@@ -234,6 +234,13 @@ MUTANTS = [
            "T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.PILToTensor()])",
            "T.Compose([T.RandomResizedCrop(size), T.PILToTensor()])",
            ["tests/test_train_imagenet.py", LOOP], "ImageNet training without the horizontal flip"),
+    Mutant("imagenet-gpu-decodes-odd-files", "imagenet_data.py", 'if self.decode == "gpu" and kind == 0:',
+           'if self.decode == "gpu" and kind in (0, 1, 2):', ["tests/test_imagenet_data.py"],
+           "the gpu path leaves CMYK and grayscale JPEGs to the device decoder instead of the PIL fallback"),
+    Mutant("imagenet-flip-rate", "imagenet_data.py", "int(torch.rand(1) < 0.5)", "int(torch.rand(1) < 0.3)",
+           ["tests/test_imagenet_data.py"], "the cpu and gpu paths flip 30 % of the images"),
+    Mutant("imagenet-crop-scale", "imagenet_data.py", "SCALE, RATIO = (0.08, 1.0)", "SCALE, RATIO = (0.25, 1.0)",
+           ["tests/test_imagenet_data.py"], "the cpu and gpu paths crop at least a quarter of the image"),
     # distillers/staged.py and stages.run_stages: TAKD, RCO, SFTN (issue 12)
     Mutant("sftn-kl-direction", "distillers/staged.py", "kd_core.kl_div(b, t, tau)", "kd_core.kl_div(t, b, tau)",
            STAGED, "SFTN's branch KL with teacher and branch swapped"),

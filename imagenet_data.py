@@ -223,13 +223,14 @@ def folder_stats(files: list[Path]) -> dict:
 
 
 def worker_pass(decoder: Decoder, files: list[Path]) -> tuple[float, list[tuple]]:
-    """What one worker process does for ``files`` (read, seed, decode or draw): seconds and the samples."""
+    """What one worker process does for ``files`` (read, seed, decode or draw): the CPU seconds it took
+    (not wall-clock seconds, which on a shared machine count the other processes' turns too) and the samples."""
     samples = []
-    started = time.perf_counter()
+    started = time.process_time()
     for i, path in enumerate(files):
         with sample_rng(i):
             samples.append((decoder(read_bytes(str(path))), 0, i))
-    return time.perf_counter() - started, samples
+    return time.process_time() - started, samples
 
 
 def device_pass(batches: list[Batch], normalise: Normalise, device: torch.device) -> float:
@@ -245,9 +246,9 @@ def device_pass(batches: list[Batch], normalise: Normalise, device: torch.device
 
 def benchmark(folder: Path, device: torch.device, size: int = 224, batch_size: int = 256, rounds: int = 3,
               decode_paths: tuple[str, ...] | None = None) -> dict:
-    """Images/s of each decode path on the images under ``folder`` (training augmentation), the paths
-    interleaved round by round in this process, one thread; the median round counts. ``gpu`` runs where
-    ``device`` is CUDA (or when named in ``decode_paths``): its per-core rate is the workers' share (read,
+    """Images/s of each decode path on the images under ``folder`` (training augmentation): one thread, per
+    CPU second, the paths interleaved round by round in this process; the median round counts. ``gpu`` runs
+    where ``device`` is CUDA (or when named in ``decode_paths``): its per-core rate is the workers' share (read,
     header, crop draw), its total the device's decode rate in ``batch_size`` batches, bf16 channels-last."""
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".jpeg", ".jpg", ".png"))
     if not files:
@@ -289,7 +290,7 @@ def benchmark_table(result: dict) -> list[str]:
              "| decode | images/s per core | images/s total |", "|---|---|---|"]
     for r in result["results"]:
         lines.append(f"| {r['decode']} | {r['images_per_s_per_core']:.0f} | {r['images_per_s_total']:.0f} |")
-    lines += ["", "per core: one thread doing a data-loading worker's share (median of "
+    lines += ["", "per core: one thread doing a data-loading worker's share, images per CPU second (median of "
               f"{result['rounds']} interleaved rounds); total: per core x {result['cores']} cores"]
     gpu = [r for r in result["results"] if r["decode"] == "gpu"]
     if gpu:

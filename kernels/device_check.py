@@ -194,7 +194,7 @@ def imagenet_input(args, budget: Budget, log: Path, cuda: bool, out: Path) -> li
             lines.append(f"gpu decode: {r['device_images_per_s']:.0f} images/s per GPU, "
                          f"{r['device_images_per_s'] / rate:.2f}x the step's rate "
                          f"({'keeps up' if r['device_images_per_s'] >= rate else 'does NOT keep up'}; the device "
-                         f"time it takes comes out of the step's); its workers need {cores:.1f} cores per GPU")
+                         f"time it takes comes out of the step's); its workers need {cores:.2f} cores per GPU")
         else:
             lines.append(f"{r['decode']}: {cores:.1f} cores per GPU to feed the step")
     return lines

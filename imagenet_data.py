@@ -34,7 +34,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from engine import ConfigError
 
 DECODE_PATHS = ("pil", "cpu", "gpu")
-KINDS = ("RGB JPEG", "grayscale JPEG", "CMYK JPEG", "other format")   # an odd file is any kind but the first
+KINDS = ("RGB JPEG", "grayscale JPEG", "CMYK JPEG", "other format or mode")   # an odd file is any kind but the first
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SCALE, RATIO = (0.08, 1.0), (3 / 4, 4 / 3)

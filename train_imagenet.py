@@ -124,6 +124,7 @@ class EpochSampler(DistributedSampler):
 
 
 def image_folder(root: Path, train: bool, size: int, decode: str = "pil") -> Dataset:
+    """The split at ``root`` as ``(x, label, index)`` samples decoded by ``decode``'s path (imagenet_data)."""
     return Indexed(imagenet_data.image_files(root, train, size, decode))
 
 
@@ -165,7 +166,8 @@ class LoaderBatches:
             if i == len(self):
                 break
             kinds += batch.kinds.bincount(minlength=len(KINDS))
-            yield self.normalise(batch.images(self.device)), y.to(self.device, non_blocking=True), index.to(self.device, non_blocking=True)
+            x = self.normalise(batch.images(self.device))
+            yield x, y.to(self.device, non_blocking=True), index.to(self.device, non_blocking=True)
         self.report_odd_files(epoch, engine.all_reduce_sum(kinds.to(self.device)).tolist())
 
     def report_odd_files(self, epoch: int, kinds: list[int]) -> None:

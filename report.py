@@ -40,7 +40,7 @@ PAPER_VALUES = Path(__file__).resolve().parent / "paper_values.yaml"
 # Config keys that never make two runs different experiments: seeds, paths, logging, hardware plumbing.
 NOT_AN_EXPERIMENT = {"seed", "out", "data_dir", "download", "device", "log_every", "eval_every", "eval_batch_size",
                      "benchmark_steps", "git_commit", "teacher_ckpt", "backend", "cuda_graph", "channels_last",
-                     "label_adjust", "workers", "deterministic"}
+                     "label_adjust", "workers", "deterministic", "decode"}
 # summary key -> (column header, decimals, display factor: PL is stored as a fraction and shown in %)
 METRICS = {"top1": ("top-1", 2, 1), "best_top1": ("best top-1", 2, 1), "score": ("score", 2, 1),
            "kl": ("KL", 3, 1), "pl": ("PL", 1, 100), "agreement": ("agreement", 1, 1), "gap": ("gap", 3, 1),

@@ -2,6 +2,7 @@
 
     torchrun --nproc_per_node=8 train_imagenet.py --method pesf --data-dir /data/imagenet
     python train_imagenet.py --config configs/imagenet/kd.yaml --data-dir /data/imagenet
+    python train_imagenet.py --benchmark-data /data/imagenet/val/n01440764   # images/s of each --decode path
 
 The data folder is a torchvision ImageFolder tree (``train/<class>/*.JPEG``, ``val/<class>/*.JPEG``).
 The teacher is torchvision's pretrained ResNet-50 (``teacher_weights``) or a checkpoint
@@ -24,14 +25,13 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 import checkpoints
 import engine
+import imagenet_data
 import models
 from distillers import DistillConfig, build_distiller, method_names, needs_teacher
 from distillers.feature import run_init_stage
 from distillers.nlp import FACTORIES as BERT_ONLY_TERMS
+from imagenet_data import KINDS
 from models.imagenet import MODELS as IMAGENET_MODELS
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass
@@ -68,6 +68,7 @@ class ImagenetConfig:
     crd_negatives: str = "other_class"      # other_class (RepDistiller's default) | uniform
     image_size: int = 224
     workers: int = 8                        # data-loading processes per rank
+    decode: str = "auto"                    # pil | cpu | gpu (imagenet_data.py); auto: gpu on CUDA, cpu elsewhere
     seed: int = 0
     deterministic: bool = False             # GPU: deterministic algorithms, fixed cuBLAS workspace (README)
     device: str = "auto"
@@ -84,7 +85,8 @@ class ImagenetConfig:
 
 
 # ----------------------------------------------------------------------------------------------
-# Data: ImageFolder decoded and augmented by worker processes as uint8, normalised on the device
+# Data: ImageFolder read by worker processes, decoded and augmented as uint8 by imagenet_data's path,
+# normalised on the device
 # ----------------------------------------------------------------------------------------------
 class Indexed(Dataset):
     """Adds the sample index (CRD's memory bank needs it). An item may also be ``(key, i)``: sample ``i``
@@ -102,10 +104,7 @@ class Indexed(Dataset):
             x, y = self.dataset[item]
             return x, y, item
         key, i = item
-        # torchvision's random transforms draw from torch's CPU generator; torch.manual_seed would also reseed
-        # every CUDA generator (the training step's, when workers=0 loads in the main process).
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(key * 10_000_019 + i)
+        with imagenet_data.sample_rng(key * 10_000_019 + i):   # torchvision's transforms draw from torch's RNG
             x, y = self.dataset[i]
         return x, y, i
 
@@ -126,27 +125,21 @@ class EpochSampler(DistributedSampler):
         return super().__len__() - self.start * self.batch
 
 
-def image_folder(root: Path, train: bool, size: int) -> Dataset:
-    import torchvision.transforms as T
-    from torchvision.datasets import ImageFolder
-    if not root.is_dir():
-        raise FileNotFoundError(f"ImageNet split not found: {root} (expected an ImageFolder tree <data_dir>/"
-                                f"{root.name}/<class>/<image>; set --data-dir or PESF_IMAGENET)")
-    if train:
-        transform = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.PILToTensor()])
-    else:
-        transform = T.Compose([T.Resize(size * 8 // 7), T.CenterCrop(size), T.PILToTensor()])
-    return Indexed(ImageFolder(str(root), transform=transform))
+def image_folder(root: Path, train: bool, size: int, decode: str = "pil") -> Dataset:
+    """The split at ``root`` as ``(x, label, index)`` samples decoded by ``decode``'s path (imagenet_data)."""
+    return Indexed(imagenet_data.image_files(root, train, size, decode))
 
 
 class LoaderBatches:
-    """DataLoader over a sharded sampler; yields normalised ``(x, y, index)`` on the device.
+    """DataLoader over a sharded sampler; yields normalised ``(x, y, index)`` on the device, ``x`` in ``dtype``.
 
-    Training drops the last partial batch and reshuffles per epoch (seeded by seed and epoch).
+    Training drops the last partial batch and reshuffles per epoch (seeded by seed and epoch). An epoch
+    with odd files (imagenet_data.KINDS) ends with one line counting them, through ``report``.
     """
 
     def __init__(self, dataset: Dataset, batch_size: int, train: bool, device: torch.device, seed: int,
-                 rank: int, world: int, workers: int, limit: int = 0, channels_last: bool = False) -> None:
+                 rank: int, world: int, workers: int, limit: int = 0, channels_last: bool = False,
+                 dtype: torch.dtype = torch.float32, report=None) -> None:
         if train and batch_size % world:
             raise ValueError(f"batch_size {batch_size} must be divisible by the number of processes {world}")
         # Evaluation shards every image exactly once: DistributedSampler would pad the last shard with
@@ -155,12 +148,12 @@ class LoaderBatches:
         self.sampler = EpochSampler(dataset, per_rank, num_replicas=world, rank=rank, seed=seed) if train \
             else range(rank, len(dataset), world)
         self.loader = DataLoader(dataset, batch_size=per_rank, sampler=self.sampler, num_workers=workers,
-                                 pin_memory=device.type == "cuda", drop_last=train, persistent_workers=workers > 0)
+                                 collate_fn=imagenet_data.collate, pin_memory=device.type == "cuda",
+                                 drop_last=train, persistent_workers=workers > 0)
         self.steps = len(self.loader)
         self.device, self.limit = device, limit
-        self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
-        self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.normalise = imagenet_data.Normalise(device, dtype, channels_last)
+        self.report, self.split = report, "train" if train else "validation"
 
     def __len__(self) -> int:
         return min(self.steps, self.limit) if self.limit else self.steps
@@ -170,13 +163,20 @@ class LoaderBatches:
         if isinstance(self.sampler, EpochSampler):
             self.sampler.set_epoch(epoch)
             self.sampler.start = start
-        for i, (x, y, index) in enumerate(self.loader, start=start):
+        kinds = torch.zeros(len(KINDS), dtype=torch.long)
+        for i, (batch, y, index) in enumerate(self.loader, start=start):
             if i == len(self):
-                return
-            # channels-last while still uint8 (a quarter of the bytes to move); .float() keeps the layout
-            x = x.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
-            yield (x.float().sub_(self.mean).div_(self.std), y.to(self.device, non_blocking=True),
-                   index.to(self.device, non_blocking=True))
+                break
+            kinds += batch.kinds.bincount(minlength=len(KINDS))
+            x = self.normalise(batch.images(self.device))
+            yield x, y.to(self.device, non_blocking=True), index.to(self.device, non_blocking=True)
+        self.report_odd_files(epoch, engine.all_reduce_sum(kinds.to(self.device)).tolist())
+
+    def report_odd_files(self, epoch: int, kinds: list[int]) -> None:
+        if self.report is not None and sum(kinds[1:]):
+            counts = ", ".join(f"{n} {kind}" for kind, n in zip(KINDS[1:], kinds[1:]) if n)
+            self.report(f"{self.split} epoch {epoch + 1}: {sum(kinds[1:])} odd file(s) of {sum(kinds)} decoded "
+                        f"by PIL on the CPU ({counts})")
 
 
 class SyntheticBatches:
@@ -239,6 +239,7 @@ def resolve(cfg: ImagenetConfig, dist: engine.Dist) -> tuple[ImagenetConfig, tor
                                      f"{', '.join(known)}")
     pair = cfg.student if not needs_teacher(cfg.method) else f"{cfg.teacher}_{cfg.student}"
     cfg = dataclasses.replace(cfg, amp=amp, out=cfg.out or f"runs/imagenet/{cfg.method}_{pair}_s{cfg.seed}",
+                              decode=imagenet_data.resolve_decode(cfg.decode, dist.device),
                               channels_last=cuda if cfg.channels_last is None else cfg.channels_last)
     return cfg, amp_dtype
 
@@ -264,11 +265,12 @@ def train(cfg: ImagenetConfig, dist: engine.Dist, amp_dtype: torch.dtype | None,
         train_labels = train.y.repeat(len(train) * dist.world)   # bank row i holds batch row i % batch
     else:
         root = Path(cfg.data_dir)
-        train_set = image_folder(root / "train", True, cfg.image_size)
-        val_set = image_folder(root / "val", False, cfg.image_size)
+        train_set = image_folder(root / "train", True, cfg.image_size, cfg.decode)
+        val_set = image_folder(root / "val", False, cfg.image_size, cfg.decode)
         num_classes, train_labels = len(train_set.dataset.classes), torch.tensor(train_set.dataset.targets)
         common = dict(device=dist.device, seed=cfg.seed, rank=dist.rank, world=dist.world, workers=cfg.workers,
-                      limit=cfg.limit_batches, channels_last=cfg.channels_last)
+                      limit=cfg.limit_batches, channels_last=cfg.channels_last, dtype=amp_dtype or torch.float32,
+                      report=log.print)
         train = LoaderBatches(train_set, cfg.batch_size, True, **common)
         test = LoaderBatches(val_set, max(1, cfg.eval_batch_size // dist.world), False, **common)
         if len(train) == 0:
@@ -299,6 +301,18 @@ def train(cfg: ImagenetConfig, dist: engine.Dist, amp_dtype: torch.dtype | None,
     return summary
 
 
+def benchmark_data(cfg: ImagenetConfig, folder: str) -> dict:
+    """--benchmark-data: imagenet_data.benchmark on ``folder``; the table, and <out>/benchmark_data.json."""
+    device = torch.device(engine.check_device(cfg.device))
+    log = engine.RunLog(cfg.out or "runs/imagenet/benchmark_data")
+    paths = None if cfg.decode == "auto" else (imagenet_data.resolve_decode(cfg.decode, device),)
+    result = imagenet_data.benchmark(Path(folder), device, cfg.image_size, cfg.batch_size, decode_paths=paths)
+    result["table"] = imagenet_data.benchmark_table(result)
+    log.print("\n".join(result["table"]))
+    log.write_summary(result, "benchmark_data.json")
+    return result
+
+
 def parse_args(argv=None) -> tuple[ImagenetConfig, argparse.Namespace]:
     methods = [m for m in method_names() if not any(term in m for term in BERT_ONLY_TERMS)]
     p = engine.arg_parser(__doc__, "configs/imagenet/", [
@@ -315,14 +329,21 @@ def parse_args(argv=None) -> tuple[ImagenetConfig, argparse.Namespace]:
         ("limit-batches", int, "train and validation batches per epoch, for smoke runs (default 0: all)"),
         ("benchmark-steps", int, "time this many steps on synthetic data, write <out>/benchmark.json and stop"),
         ("workers", int, "data-loading processes per rank (default 8)"),
+        ("decode", str, "where images are decoded: pil, cpu (workers) or gpu (whole batches on the device); "
+                        "default auto: gpu on CUDA, cpu elsewhere"),
         ("save-every", int, "also write last.pt every N steps inside an epoch (default 0: epoch ends only)")])
-    return engine.parse_config(ImagenetConfig, p, argv)
+    p.add_argument("--benchmark-data", metavar="DIR", help="time each --decode path on the images under DIR, print "
+                   "a table, write <out>/benchmark_data.json and stop (no training)")
+    return engine.parse_config(ImagenetConfig, p, argv, actions=("benchmark_data",))
 
 
 def main(argv=None) -> int:
     def body() -> None:
         cfg, args = parse_args(argv)
-        run(cfg, resume=args.resume, overwrite=args.overwrite)
+        if args.benchmark_data:
+            benchmark_data(cfg, args.benchmark_data)
+        else:
+            run(cfg, resume=args.resume, overwrite=args.overwrite)
     return engine.cli(body)
 
 

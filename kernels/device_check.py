@@ -16,9 +16,13 @@ a slow or hung step costs its own result and never the report (``STEPS``, in ord
    with the whole step in a CUDA graph (issue 5: pesf <= 3.5 ms, pesf/kd <= 1.10, dml/kd about 2.3);
 4. ``train_cifar.py --benchmark-steps --seeds`` for pesf: aggregate images/s of 1, 2, 4 and 8 runs at once in
    one process (issue 10: 8 runs >= 3x one graphed run);
-5. ``kernels/bench_kd.py --tune``: the candidate launch configurations per shape; the winners go to
+5. ImageNet input (issue 23): ``train_imagenet.py --benchmark-data`` on JPEGs made from real photos
+   (``kernels/imagenet_photos.py``) beside ``train_imagenet.py --benchmark-steps`` for pesf resnet50 ->
+   resnet18 at batch 256: does the ``gpu`` decode path keep up with the step, and how many cores per GPU
+   would the CPU paths need;
+6. ``kernels/bench_kd.py --tune``: the candidate launch configurations per shape; the winners go to
    ``kd_launch_winners.json`` (copy it to kernels/ for kd_core to use them);
-6. ``kernels/bench_kd.py`` on the large shapes, with the time that is left.
+7. ``kernels/bench_kd.py`` on the large shapes, with the time that is left.
 A step is one ``Step`` in ``STEPS``: a new check adds one there. On a CPU (``--device cpu``) the same steps
 run small (the GPU-only ones are skipped): that is how CI checks this script.
 """
@@ -255,11 +259,49 @@ def winners_table(path: Path) -> list[str]:
     return out
 
 
+def imagenet_input(ctx: Context) -> tuple[str, list[str]]:
+    """The data benchmark's table, the training step's images/s and what they imply."""
+    args, budget, log, cuda, out = ctx.args, ctx.budget, ctx.log, ctx.cuda, ctx.out
+    with tempfile.TemporaryDirectory() as tmp:
+        photos, data, step = args.photos or str(Path(tmp) / "photos"), Path(tmp) / "data", Path(tmp) / "step"
+        status = "ok" if args.photos else run_logged(
+            [sys.executable, "kernels/imagenet_photos.py", photos, "--count", "200" if cuda else "6"], 60, budget, log)
+        if status == "ok":
+            status = run_logged([sys.executable, "train_imagenet.py", "--benchmark-data", photos, "--device",
+                                 args.device, "--out", str(data)] + ([] if cuda else ["--decode", "gpu"]), 120, budget,
+                                log)
+        if status != "ok":
+            return status, [f"photos or data benchmark: {status} (scikit-image missing? pass --photos DIR)"]
+        result = json.loads((data / "benchmark_data.json").read_text())
+        (out / "imagenet_data.json").write_text(json.dumps(result, indent=1))
+        size = ["--teacher", "resnet50", "--student", "resnet18", "--batch-size", "256", "--benchmark-steps", "30"] \
+            if cuda else ["--teacher", "resnet18", "--student", "resnet18", "--batch-size", "2", "--benchmark-steps",
+                          "1", "--set", "image_size=32"]
+        step_status = run_logged([sys.executable, "train_imagenet.py", "--method", "pesf", *size, "--device",
+                                  args.device, "--set", "teacher_weights=null", "--out", str(step)], 150, budget, log)
+        lines = result["table"]
+        if step_status != "ok":
+            return step_status, lines + ["", f"training step: {step_status}"]
+        rate = json.loads((step / "benchmark.json").read_text())["images_per_s"]
+    lines += ["", f"training step (pesf, {size[1]} -> {size[3]}, batch {size[5]}): {rate:.0f} images/s per GPU"]
+    for r in result["results"]:
+        cores = rate / r["images_per_s_per_core"]
+        if r["decode"] == "gpu":
+            lines.append(f"gpu decode: {r['device_images_per_s']:.0f} images/s per GPU, "
+                         f"{r['device_images_per_s'] / rate:.2f}x the step's rate "
+                         f"({'keeps up' if r['device_images_per_s'] >= rate else 'does NOT keep up'}; the device "
+                         f"time it takes comes out of the step's); its workers need {cores:.2f} cores per GPU")
+        else:
+            lines.append(f"{r['decode']}: {cores:.1f} cores per GPU to feed the step")
+    return "ok", lines
+
+
 STEPS = [
     Step("kernel_tests", "Kernel tests", 30, kernel_tests),
     Step("bench_quick", "Fused kernel, small shapes", 30, bench_quick),
     Step("train_steps", "Training step, batch 64", 100, train_steps),
     Step("concurrent", "Concurrent pesf runs in one process, batch 64 each", 60, concurrent_runs),
+    Step("imagenet_input", "ImageNet input: decode paths and the training step", 60, imagenet_input),
     Step("bench_tune", "Launch configurations tried per shape", 40, bench_tune),
     Step("bench_full", "Fused kernel, large shapes", 60, bench_full),
 ]
@@ -301,6 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--student", default="resnet20")
     ap.add_argument("--steps", type=int, default=200, help="timed training steps per method")
     ap.add_argument("--test-filter", default=None, help="pytest -k for the kernel tests (CPU smoke runs)")
+    ap.add_argument("--photos", default=None, help="a folder of JPEGs for the ImageNet input step (default: made "
+                                                    "by kernels/imagenet_photos.py, which needs scikit-image)")
     args = ap.parse_args(argv)
     budget = Budget(args.budget)
     out = Path(args.out)

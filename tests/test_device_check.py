@@ -36,6 +36,10 @@ def test_device_check_runs_every_step_and_writes_the_report(tmp_path, capsys):
     assert "| pesf | False |" in report and "pesf/kd" in report
     concurrent = json.loads((out / "concurrent.json").read_text())
     assert [r["runs"] for r in concurrent] == [1, 2] and "Concurrent pesf runs in one process, batch 64 each: ok" in report
+    data = json.loads((out / "imagenet_data.json").read_text())   # the gpu path's batched decode, on the CPU here
+    assert data["files"] == 6 and [r["decode"] for r in data["results"]] == ["gpu"]
+    assert "| gpu |" in report and "training step (pesf, resnet18 -> resnet18, batch 2):" in report
+    assert "gpu decode:" in report and "x the step's rate" in report
 
 
 class FakeClock:

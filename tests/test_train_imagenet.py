@@ -6,6 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
+import imagenet_data
 import models
 import train_imagenet
 from train_imagenet import ImagenetConfig
@@ -43,11 +44,11 @@ def tiny(tmp_path, data, **keys) -> ImagenetConfig:
 
 
 def test_validation_batches_are_the_resized_centre_crop(image_tree):
-    dataset = train_imagenet.image_folder(image_tree / "val", False, 32)
+    dataset = train_imagenet.image_folder(image_tree / "val", False, 32, "pil")
     batches = train_imagenet.LoaderBatches(dataset, 2, False, torch.device("cpu"), 0, 0, 1, 0)
     x, y, index = next(batches.epoch(0))
-    mean = torch.tensor(train_imagenet.IMAGENET_MEAN).view(3, 1, 1) * 255
-    std = torch.tensor(train_imagenet.IMAGENET_STD).view(3, 1, 1) * 255
+    mean = torch.tensor(imagenet_data.IMAGENET_MEAN).view(3, 1, 1) * 255
+    std = torch.tensor(imagenet_data.IMAGENET_STD).view(3, 1, 1) * 255
     for j in range(len(index)):
         path, label = dataset.dataset.samples[int(index[j])]
         assert int(y[j]) == label

@@ -158,7 +158,7 @@ def test_imagenet_training_transform_flips_and_crops(tmp_path):
     PIL.fromarray(ramp.to(torch.uint8)[..., None].repeat(1, 1, 3).numpy()).save(folder / "a.png")
     dataset = train_imagenet.image_folder(tmp_path / "train", train=True, size=16)
     torch.manual_seed(0)
-    samples = [dataset[0][0].float().mean(0) for _ in range(60)]
+    samples = [dataset[0][0].pixels.float().mean(0) for _ in range(60)]
     rising = [bool(s[:, -1].mean() > s[:, 0].mean()) for s in samples]
     assert 15 <= sum(rising) <= 45                            # flipped about half of the time
     scales = {round(float(s[:, -1].mean() - s[:, 0].mean()), 1) for s in samples}

@@ -175,6 +175,42 @@ def _resume_hint(out: Path | None) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
+# Data: one search for every script
+# ----------------------------------------------------------------------------------------------
+class DataNotFound(FileNotFoundError):
+    pass
+
+
+SHARED_DATA = Path(__file__).resolve().parent.parent / "shared" / "data"   # beside the checkout
+
+
+def data_places(subfolder: str, legacy_env: str | None = None) -> list[Path]:
+    """Where a script looks for its data set, in order: ``$<legacy_env>`` (the folder itself, as before the
+    search was shared), ``$PESF_DATA/<subfolder>``, ``./data/<subfolder>``, then ``shared/data/<subfolder>``
+    beside the checkout (where the project's development machines keep the real data)."""
+    places = [Path(os.environ[legacy_env])] if legacy_env and os.environ.get(legacy_env) else []
+    if os.environ.get("PESF_DATA"):
+        places.append(Path(os.environ["PESF_DATA"]) / subfolder)
+    places += [Path("data") / subfolder, SHARED_DATA / subfolder]
+    return list(dict.fromkeys(places))
+
+
+def find_data(given: str | None, places: list[Path], required: list[str], what: str, how_to_get: str,
+              download: bool = False) -> Path:
+    """The first of ``places`` (only ``given`` when the user named a folder) that holds every path of
+    ``required``. When none does: with ``download`` the first place (to download into), otherwise a
+    ``DataNotFound`` whose one line lists every place looked and ``how_to_get``."""
+    places = [Path(given)] if given else places
+    for place in places:
+        if all((place / name).exists() for name in required):
+            return place
+    if download:
+        return places[0]
+    looked = ", ".join(str(place) for place in places)
+    raise DataNotFound(f"{what} not found: looked for {' and '.join(required)} in {looked}; {how_to_get}")
+
+
+# ----------------------------------------------------------------------------------------------
 # torchrun / DDP
 # ----------------------------------------------------------------------------------------------
 @dataclasses.dataclass
@@ -915,7 +951,9 @@ def time_steps(cfg, dist_info: Dist, distiller, optimizer: torch.optim.Optimizer
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "world": dist_info.world, "step_ms": ms, "images_per_s": batch / ms * 1000,
               "updated_params": updated_params}
-    log.print(f"{cfg.method}: batch {batch}, {result['amp']}, graph={step.cuda_graph}, {result['device']}: "
-              f"{ms:.2f} ms/step, {result['images_per_s']:.0f} samples/s")
+    amp = "none" if amp_dtype is None else str(amp_dtype).removeprefix("torch.")
+    log.print(f"benchmark {cfg.method}: batch {batch}, amp {amp}, cuda_graph {step.cuda_graph}, device "
+              f"{result['device']}, processes {dist_info.world}, {cfg.benchmark_steps} timed steps: {ms:.2f} ms/step, "
+              f"{result['images_per_s']:.0f} samples/s, {updated_params / 1e6:.3f}M updated params")
     log.write_summary(result, "benchmark.json")
     return result

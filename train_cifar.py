@@ -46,7 +46,7 @@ class CifarConfig:
     student: str = "resnet20"
     teacher_ckpt: str | None = None
     assistant: str = "resnet32"             # takd: the teacher assistant (between resnet56 and resnet20 in depth)
-    data_dir: str = field(default_factory=lambda: os.environ.get("PESF_DATA", "./data"))
+    data_dir: str | None = None             # the folder holding cifar-100-python/; None: engine.data_places
     download: bool = False
     out: str | None = None                  # may name config keys: runs/x_s{seed}; default: run_folder()
     epochs: int = 240
@@ -98,8 +98,15 @@ class CifarConfig:
 # ----------------------------------------------------------------------------------------------
 # Data
 # ----------------------------------------------------------------------------------------------
-class DataNotFound(FileNotFoundError):
-    pass
+DataNotFound = engine.DataNotFound
+
+
+def find_cifar100(data_dir: str | None, download: bool = False) -> Path:
+    """The folder holding ``cifar-100-python/``: ``data_dir`` when given, else the first of the places every
+    script searches (with ``download``, where to download it when no place holds it)."""
+    return engine.find_data(data_dir, engine.data_places(""), ["cifar-100-python/train", "cifar-100-python/test"],
+                            "CIFAR-100", "pass --download to fetch it with torchvision (about 170 MB), or point "
+                            "--data-dir or PESF_DATA at the folder that holds cifar-100-python/", download)
 
 
 def load_cifar100(root: str | Path, download: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -289,7 +296,7 @@ def run_steps(cfg: CifarConfig, resume: bool | str = False):
         train = synthetic_batches(cfg.batch_size, dist.device, cfg.channels_last, cfg.seed)
         test = None
     else:
-        data = load_cifar100(cfg.data_dir, cfg.download)
+        data = load_cifar100(find_cifar100(cfg.data_dir, cfg.download), cfg.download)
         images, labels = data["train"]
         if cfg.train_subset:
             images, labels = images[:cfg.train_subset], labels[:cfg.train_subset]
@@ -326,16 +333,6 @@ def run_steps(cfg: CifarConfig, resume: bool | str = False):
 # ----------------------------------------------------------------------------------------------
 # Quickstart: a small teacher, then KD and PESF students, and a comparison table
 # ----------------------------------------------------------------------------------------------
-def quickstart_data(data_dir: str) -> str:
-    """``data_dir`` when it holds CIFAR-100, else the ``shared/data`` folder beside the checkout (where the
-    project's development machines keep it) when that does; otherwise ``data_dir``, to download into."""
-    shared = Path(__file__).resolve().parent.parent / "shared" / "data"
-    for candidate in (Path(data_dir), shared):
-        if (candidate / "cifar-100-python" / "train").is_file():
-            return str(candidate)
-    return data_dir
-
-
 def quickstart(base: CifarConfig) -> None:
     cuda = torch.cuda.is_available() and base.device in ("auto", "cuda")
     if cuda:
@@ -346,7 +343,7 @@ def quickstart(base: CifarConfig) -> None:
                     eval_every=4, log_every=50)
         teacher, student = "resnet14", "resnet8"
     root = Path(base.out or "runs/quickstart")
-    common = dataclasses.replace(base, teacher=teacher, student=student, data_dir=quickstart_data(base.data_dir),
+    common = dataclasses.replace(base, teacher=teacher, student=student, data_dir=str(find_cifar100(base.data_dir, True)),
                                  download=True, **size)
     print(f"quickstart on {'CUDA' if cuda else 'CPU'}: teacher {teacher}, students {student}, "
           f"{size['epochs']} epochs each, data in {common.data_dir}, outputs in {root}/", flush=True)
@@ -389,7 +386,8 @@ def parse_args(argv=None) -> tuple[CifarConfig, argparse.Namespace]:
         ("teacher", str, f"teacher architecture (default resnet56): {', '.join(CIFAR_MODELS)}"),
         ("student", str, "student architecture (default resnet20), one of the teacher's list"),
         ("teacher-ckpt", str, "the teacher's weights: a ce run's last.pt, or a RepDistiller checkpoint"),
-        ("data-dir", str, "folder holding cifar-100-python/ (default $PESF_DATA or ./data)"),
+        ("data-dir", str, "folder holding cifar-100-python/ (default: the first of $PESF_DATA, ./data, "
+                             "../shared/data that holds it)"),
         ("out", str, "run folder (default from the config path, or runs/cifar/<method>_<pair>_s<seed>)"),
         ("epochs", int, "training epochs (default 240)"),
         ("batch-size", int, "global batch size, split across processes (default 64)"),

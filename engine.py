@@ -910,6 +910,20 @@ def fit_steps(cfg, dist_info: Dist, distiller, optimizer: torch.optim.Optimizer,
 
 
 WARM = "warm"   # what time_steps yields once its warm-up steps have finished on the device
+_side_by_side = False   # inside timed_side_by_side()
+
+
+@contextlib.contextmanager
+def timed_side_by_side():
+    """Inside the block every timed step of ``time_steps`` waits for its device work before the process turns
+    to another run, so that runs interleaved step by step (``multirun.compare``) each time exactly their own
+    steps, under the same load."""
+    global _side_by_side
+    previous, _side_by_side = _side_by_side, True
+    try:
+        yield
+    finally:
+        _side_by_side = previous
 
 
 def benchmark(cfg, dist_info: Dist, distiller, optimizer: torch.optim.Optimizer, batches,
@@ -939,12 +953,16 @@ def time_steps(cfg, dist_info: Dist, distiller, optimizer: torch.optim.Optimizer
         yield
     sync()
     yield WARM
-    started = time.perf_counter()
+    started, away = time.perf_counter(), 0.0
     for x, y, index in prepared[10:10 + cfg.benchmark_steps]:
         step(x, y, index)
+        if _side_by_side:   # this step's device work belongs to its own time, not to the next run's turn
+            sync()
+        paused = time.perf_counter()
         yield
+        away += time.perf_counter() - paused   # other runs' turns (multirun) are not this run's time
     sync()
-    ms = 1000 * (time.perf_counter() - started) / cfg.benchmark_steps
+    ms = 1000 * (time.perf_counter() - started - away) / cfg.benchmark_steps
     batch = cfg.batch_size
     result = {"method": cfg.method, "batch_size": batch, "steps": cfg.benchmark_steps, "amp": str(amp_dtype),
               "cuda_graph": step.cuda_graph,

@@ -340,11 +340,11 @@ def quickstart(base: CifarConfig) -> None:
         teacher, student = "resnet56", "resnet20"
     else:  # a 2-core CPU: a few minutes in all
         size = dict(epochs=4, lr_schedule="cosine", lr=0.1, batch_size=64, train_subset=12000, eval_batch_size=500,
-                    eval_every=4, log_every=50)
+                    eval_every=1, log_every=50)   # every epoch: one point per epoch in the curves
         teacher, student = "resnet14", "resnet8"
     root = Path(base.out or "runs/quickstart")
-    common = dataclasses.replace(base, teacher=teacher, student=student, data_dir=str(find_cifar100(base.data_dir, True)),
-                                 download=True, **size)
+    data_dir = str(find_cifar100(base.data_dir, download=True))
+    common = dataclasses.replace(base, teacher=teacher, student=student, data_dir=data_dir, download=True, **size)
     print(f"quickstart on {'CUDA' if cuda else 'CPU'}: teacher {teacher}, students {student}, "
           f"{size['epochs']} epochs each, data in {common.data_dir}, outputs in {root}/", flush=True)
     runs = {f"teacher ({teacher}, ce)": dataclasses.replace(common, method="ce", student=teacher,
@@ -360,11 +360,18 @@ def quickstart(base: CifarConfig) -> None:
             rows[name] = run(cfg)
     finally:
         engine.expect_more_runs(0)
-    print("\n| run | top-1 | teacher top-1 | gap | KL | agreement | batch ms |\n|---|---|---|---|---|---|---|")
+    print("\n| run | top-1 | teacher top-1 | gap | KL | agreement |\n|---|---|---|---|---|---|")
     for name, s in rows.items():
-        cells = [s.get("top1"), s.get("teacher_top1"), s.get("gap"), s.get("kl"), s.get("agreement"),
-                 s.get("batch_time_ms")]
+        cells = [s.get("top1"), s.get("teacher_top1"), s.get("gap"), s.get("kl"), s.get("agreement")]
         print(f"| {name} | " + " | ".join("–" if v is None else f"{v:.2f}" for v in cells) + " |")
+    print("top-1: % of the test set; teacher top-1: the teacher's at the end (pesf's includes its adapter); gap: mean "
+          "logsumexp(teacher) - logsumexp(student) (nats); KL: KL(teacher || student) at tau 1 (nats); agreement: % "
+          "of test images where both predict the same class. All on the full test set after the last epoch.")
+    # Step times: each run's own wall time saw its own load, so the ratios come from one side-by-side benchmark.
+    students = list(runs.items())[1:]
+    compare_steps({name: dataclasses.replace(cfg, benchmark_steps=200 if cuda else 20,
+                                             out=str(root / "benchmark" / cfg.method)) for name, cfg in students},
+                  root / "benchmark")
     print("\nWhat to expect: " + (
         "this is the GPU size (resnet56 -> resnet20, full data, 15 epochs); its numbers have not been measured "
         "for this README yet." if cuda else
@@ -477,6 +484,17 @@ def benchmark_concurrency(args: argparse.Namespace, base: CifarConfig, cfgs: lis
     multirun.benchmark(jobs, counts, torch.device(engine.check_device(base.device)), root)
 
 
+def compare_steps(cfgs: dict[str, CifarConfig], out: Path) -> list[dict]:
+    """--benchmark-steps of each named config, interleaved step by step in this process (``multirun.compare``):
+    the step-time ratios between them are measured under one load; ratios to ``kd`` when it is one of them."""
+    jobs = [multirun.Job(name, functools.partial(run_steps, cfg)) for name, cfg in cfgs.items()]
+    reference = next((name for name, cfg in cfgs.items() if cfg.method == "kd"), None)
+    device = torch.device(engine.check_device(next(iter(cfgs.values())).device))
+    extra = {name: {"task": "cifar100", "setting": f"{cfg.teacher}_{cfg.student}" if needs_teacher(cfg.method)
+                    else cfg.student} for name, cfg in cfgs.items()}
+    return multirun.compare(jobs, device, out, reference, extra)
+
+
 def seeds(args: argparse.Namespace, base: CifarConfig) -> None:
     """--seeds without --sweep: the same config once per seed, each run exactly as if started alone."""
     if isinstance(args.resume, str):
@@ -496,9 +514,9 @@ def sweep(args: argparse.Namespace, base: CifarConfig) -> None:
     """One run per combination of the --sweep values, each in <out>/<key>=<value>..., then a table."""
     if isinstance(args.resume, str):
         raise engine.ConfigError("--resume PATH continues one run; a sweep continues with --resume alone")
-    if base.benchmark_steps:
-        raise engine.ConfigError("--benchmark-steps with --sweep: benchmark one config (with --seeds for the "
-                                 "concurrent throughput)")
+    if base.benchmark_steps and args.seeds:
+        raise engine.ConfigError("--benchmark-steps with --sweep compares the sweep's configs side by side, once "
+                                 "each: drop --seeds (or drop --sweep for the concurrent throughput of seeds)")
     axes = []
     for item in args.sweep:
         key, sep, values = item.partition("=")
@@ -513,6 +531,8 @@ def sweep(args: argparse.Namespace, base: CifarConfig) -> None:
                          **({} if seed is None else {"seed": seed})}
             cfgs.append(engine.build_config(CifarConfig, args.config, [*args.set, *combo], overrides))
             combos.append(combo)
+    if base.benchmark_steps:
+        return compare_steps({" ".join(combo): cfg for combo, cfg in zip(combos, cfgs)}, root)
     rows = list(zip(combos, run_many(cfgs, args)))
     print("\n| run | seed | top-1 | best top-1 | teacher top-1 | gap | KL | agreement |\n|---|---|---|---|---|---|---|---|")
     for combo, s in rows:

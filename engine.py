@@ -206,7 +206,7 @@ def find_data(given: str | None, places: list[Path], required: list[str], what: 
             return place
     if download:
         return places[0]
-    looked = ", ".join(str(place) for place in places)
+    looked = ", ".join(str(place) if place.is_absolute() else f"./{place}" for place in places)
     raise DataNotFound(f"{what} not found: looked for {' and '.join(required)} in {looked}; {how_to_get}")
 
 

@@ -53,7 +53,7 @@ def test_without_data_the_error_lists_every_place_and_the_download_flag(tmp_path
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     (line,) = proc.stderr.strip().splitlines()
     assert line.startswith("error: CIFAR-100 not found: looked for cifar-100-python/train and cifar-100-python/test")
-    assert f" in data, {tmp_path / 'shared' / 'data'};" in line and "--download" in line
+    assert f" in ./data, {tmp_path / 'shared' / 'data'};" in line and "--download" in line
 
 
 def test_places_are_searched_in_order_and_a_given_folder_alone(fake_cifar, tmp_path, monkeypatch):
@@ -84,7 +84,7 @@ def test_glue_searches_the_same_places(tmp_path, monkeypatch):
     with pytest.raises(train_glue.DataNotFound) as err:
         train_glue.load_glue(None, task)
     message = str(err.value)
-    assert "\n" not in message and f"in {tmp_path / 'env' / 'glue'}, data/glue, {tmp_path / 'shared' / 'glue'};" in message
+    assert "\n" not in message and f"in {tmp_path / 'env' / 'glue'}, ./data/glue, {tmp_path / 'shared' / 'glue'};" in message
     assert "gluebenchmark.com" in message and "PESF_GLUE" in message
     folder = tmp_path / "env" / "glue" / "RTE"
     folder.mkdir(parents=True)
@@ -103,7 +103,7 @@ def test_imagenet_not_found_names_every_place_and_says_it_cannot_be_downloaded(t
             "--out", str(tmp_path / "run")]
     assert train_imagenet.main(args) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
-    assert f"looked for train and val in data/imagenet, {tmp_path / 'shared' / 'imagenet'};" in line
+    assert f"looked for train and val in ./data/imagenet, {tmp_path / 'shared' / 'imagenet'};" in line
     assert "cannot be downloaded" in line
 
 

@@ -511,7 +511,7 @@ def write_csv(path: Path, rows: list[dict]) -> None:
         writer.writerows({k: ("" if v is None else v) for k, v in r.items()} for r in rows)
 
 
-LINE_STYLES = ("-", "--", ":", "-.")
+LINE_STYLES = ("-", "--", ":", "-.", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1)))
 MARKERS = ("o", "s", "^", "D", "v", "P")
 
 
@@ -540,25 +540,28 @@ def draw(plt, path: Path, title: str, rows: list[dict], kind: str | dict[str, st
         twins = same_as(mine, series)
         names = {s: f"{s} (identical to {twins[s]})" if s in twins else s for s in series}
         panel_kind = kind.get(panel, "line") if isinstance(kind, dict) else kind
-        if panel_kind == "bar":
+        if panel_kind == "bar":   # each category's bars centred on its tick
             cats = list(dict.fromkeys(r["x"] for r in mine))
-            width = 0.8 / len(series)
+            present = {c: [r["series"] for r in mine if r["x"] == c] for c in cats}
+            width = 0.8 / max(len(v) for v in present.values())
             for i, s in enumerate(series):
                 pts = [r for r in mine if r["series"] == s]
-                ax.bar([cats.index(r["x"]) + i * width for r in pts], [r["y"] for r in pts], width,
-                       yerr=[r["std"] or 0 for r in pts], capsize=3, label=names[s],
-                       hatch=("", "//", "..", "xx")[i % 4])
-            ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cats))],
-                          [str(c).replace("_", " ->\n") for c in cats], fontsize=8)
+                xs = [j + (present[r["x"]].index(s) - (len(present[r["x"]]) - 1) / 2) * width
+                      for j, r in ((cats.index(r["x"]), r) for r in pts)]
+                ax.bar(xs, [r["y"] for r in pts], width, yerr=[r["std"] or 0 for r in pts], capsize=3,
+                       label=names[s], hatch=("", "//", "..", "xx")[i % 4])
+            ax.set_xticks(range(len(cats)), [str(c).replace("_", " ->\n") for c in cats], fontsize=8)
         else:
             for i, s in enumerate(series):
                 pts = [r for r in mine if r["series"] == s]
                 xs, ys = [r["x"] for r in pts], [r["y"] for r in pts]
-                style = dict(label=names[s], linestyle=LINE_STYLES[i % len(LINE_STYLES)])
+                # later series thinner and in another dash pattern: one drawn over another stays visible
+                style = dict(label=names[s], linestyle=LINE_STYLES[i % len(LINE_STYLES)],
+                             linewidth=max(2.4 - 0.4 * i, 0.8))
                 if panel_kind == "scatter":
                     ax.scatter(xs, ys, s=6, label=names[s], marker=MARKERS[i % len(MARKERS)])
                 elif panel_kind == "hist":
-                    ax.plot(xs, ys, drawstyle="steps-mid", linewidth=2.2 - 0.5 * (i % 3), **style)
+                    ax.plot(xs, ys, drawstyle="steps-mid", **style)
                 else:
                     ax.errorbar(xs, ys, yerr=[r["std"] or 0 for r in pts], marker=MARKERS[i % len(MARKERS)], ms=4,
                                 capsize=3, **style)

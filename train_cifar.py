@@ -366,7 +366,7 @@ def quickstart(base: CifarConfig) -> None:
         print(f"| {name} | " + " | ".join("–" if v is None else f"{v:.2f}" for v in cells) + " |")
     print("top-1: % of the test set; teacher top-1: the teacher's at the end (pesf's includes its adapter); gap: mean "
           "logsumexp(teacher) - logsumexp(student) (nats); KL: KL(teacher || student) at tau 1 (nats); agreement: % "
-          "of test images where both predict the same class. All on the full test set after the last epoch.")
+          "of test images where both predict the same class. All on the test set after the last epoch.")
     # Step times: each run's own wall time saw its own load, so the ratios come from one side-by-side benchmark.
     students = list(runs.items())[1:]
     compare_steps({name: dataclasses.replace(cfg, benchmark_steps=200 if cuda else 20,

@@ -148,6 +148,8 @@ def test_every_panel_has_axis_labels_and_its_legend_beside_the_data(monkeypatch,
     (bar_ax,) = figures[2].axes
     ticks = [t.get_text() for t in bar_ax.get_xticklabels()]
     assert ticks == ["resnet56 ->\nresnet20", "resnet20"]
+    centres = sorted(bar.get_x() + bar.get_width() / 2 for bar in bar_ax.patches)   # each group on its tick
+    assert centres == pytest.approx([-0.2, 0.2, 1.0])
 
 
 def test_one_tau_draws_no_gap_against_tau_panel():

@@ -90,20 +90,6 @@ def test_a_sweep_benchmark_compares_methods_side_by_side_and_the_report_prints_o
     assert f"| {pesf['step_ms'] / kd['step_ms']:.2f} |" in side and "÷ method=kd" in side
 
 
-def test_the_quickstart_table_prints_no_per_run_time_and_benchmarks_its_students_side_by_side(fake_cifar, tmp_path,
-                                                                                                 capsys):
-    args = ["--quickstart", "--data-dir", str(fake_cifar), "--out", str(tmp_path / "qs"), "--limit-batches", "2"]
-    assert train_cifar.main(args) == 0
-    out = capsys.readouterr().out
-    assert "| run | top-1 | teacher top-1 | gap | KL | agreement |" in out and "batch ms" not in out
-    bench = json.loads((tmp_path / "qs" / "benchmark" / "benchmark_side_by_side.json").read_text())
-    assert [r["run"] for r in bench["rows"]] == ["resnet8 ce", "resnet8 kd", "resnet8 pesf"]
-    assert bench["reference"] == "resnet8 kd" and bench["rows"][0]["steps"] == 20
-    # The quickstart evaluates every epoch: one point per epoch in the curves.
-    metrics = [json.loads(line) for line in (tmp_path / "qs" / "kd" / "metrics.jsonl").read_text().splitlines()]
-    assert [m["epoch"] for m in metrics if "top1" in m] == [1, 2, 3, 4]
-
-
 # ----------------------------------------------------------------------------------------------
 # Figures
 # ----------------------------------------------------------------------------------------------

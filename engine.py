@@ -271,6 +271,42 @@ def _checkpoint_state(out: Path) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
+# Data: one search for every script
+# ----------------------------------------------------------------------------------------------
+class DataNotFound(FileNotFoundError):
+    pass
+
+
+SHARED_DATA = Path(__file__).resolve().parent.parent / "shared" / "data"   # beside the checkout
+
+
+def data_places(subfolder: str, legacy_env: str | None = None) -> list[Path]:
+    """Where a script looks for its data set, in order: ``$<legacy_env>`` (the folder itself, as before the
+    search was shared), ``$PESF_DATA/<subfolder>``, ``./data/<subfolder>``, then ``shared/data/<subfolder>``
+    beside the checkout (where the project's development machines keep the real data)."""
+    places = [Path(os.environ[legacy_env])] if legacy_env and os.environ.get(legacy_env) else []
+    if os.environ.get("PESF_DATA"):
+        places.append(Path(os.environ["PESF_DATA"]) / subfolder)
+    places += [Path("data") / subfolder, SHARED_DATA / subfolder]
+    return list(dict.fromkeys(places))
+
+
+def find_data(given: str | None, places: list[Path], required: list[str], what: str, how_to_get: str,
+              download: bool = False) -> Path:
+    """The first of ``places`` (only ``given`` when the user named a folder) that holds every path of
+    ``required``. When none does: with ``download`` the first place (to download into), otherwise a
+    ``DataNotFound`` whose one line lists every place looked and ``how_to_get``."""
+    places = [Path(given)] if given else places
+    for place in places:
+        if all((place / name).exists() for name in required):
+            return place
+    if download:
+        return places[0]
+    looked = ", ".join(str(place) if place.is_absolute() else f"./{place}" for place in places)
+    raise DataNotFound(f"{what} not found: looked for {' and '.join(required)} in {looked}; {how_to_get}")
+
+
+# ----------------------------------------------------------------------------------------------
 # torchrun / DDP
 # ----------------------------------------------------------------------------------------------
 @dataclasses.dataclass
@@ -1132,6 +1168,20 @@ def _train_epochs(cfg, dist_info: Dist, distiller, optimizer: torch.optim.Optimi
 
 
 WARM = "warm"   # what time_steps yields once its warm-up steps have finished on the device
+_side_by_side = False   # inside timed_side_by_side()
+
+
+@contextlib.contextmanager
+def timed_side_by_side():
+    """Inside the block every timed step of ``time_steps`` waits for its device work before the process turns
+    to another run, so that runs interleaved step by step (``multirun.compare``) each time exactly their own
+    steps, under the same load."""
+    global _side_by_side
+    previous, _side_by_side = _side_by_side, True
+    try:
+        yield
+    finally:
+        _side_by_side = previous
 
 
 def benchmark(cfg, dist_info: Dist, distiller, optimizer: torch.optim.Optimizer, batches,
@@ -1161,19 +1211,25 @@ def time_steps(cfg, dist_info: Dist, distiller, optimizer: torch.optim.Optimizer
         yield
     sync()
     yield WARM
-    started = time.perf_counter()
+    started, away = time.perf_counter(), 0.0
     for x, y, index in prepared[10:10 + cfg.benchmark_steps]:
         step(x, y, index)
+        if _side_by_side:   # this step's device work belongs to its own time, not to the next run's turn
+            sync()
+        paused = time.perf_counter()
         yield
+        away += time.perf_counter() - paused   # other runs' turns (multirun) are not this run's time
     sync()
-    ms = 1000 * (time.perf_counter() - started) / cfg.benchmark_steps
+    ms = 1000 * (time.perf_counter() - started - away) / cfg.benchmark_steps
     batch = cfg.batch_size
     result = {"method": cfg.method, "batch_size": batch, "steps": cfg.benchmark_steps, "amp": str(amp_dtype),
               "cuda_graph": step.cuda_graph,
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "world": dist_info.world, "step_ms": ms, "images_per_s": batch / ms * 1000,
               "updated_params": updated_params}
-    log.print(f"{cfg.method}: batch {batch}, {result['amp']}, graph={step.cuda_graph}, {result['device']}: "
-              f"{ms:.2f} ms/step, {result['images_per_s']:.0f} samples/s")
+    amp = "none" if amp_dtype is None else str(amp_dtype).removeprefix("torch.")
+    log.print(f"benchmark {cfg.method}: batch {batch}, amp {amp}, cuda_graph {step.cuda_graph}, device "
+              f"{result['device']}, processes {dist_info.world}, {cfg.benchmark_steps} timed steps: {ms:.2f} ms/step, "
+              f"{result['images_per_s']:.0f} samples/s, {updated_params / 1e6:.3f}M updated params")
     log.write_summary(result, "benchmark.json")
     return result

@@ -190,3 +190,30 @@ def benchmark(make_jobs: typing.Callable[[int], list[Job]], counts: typing.Itera
     Path(out).mkdir(parents=True, exist_ok=True)
     (Path(out) / "benchmark_concurrent.json").write_text(json.dumps(rows, indent=2) + "\n")
     return rows
+
+
+def compare(jobs: list[Job], device: torch.device, out: str | Path, reference: str | None = None,
+            extra: dict[str, dict] | None = None) -> list[dict]:
+    """Step time of several configurations measured side by side: ``jobs`` are runs of ``engine.time_steps``
+    (their names label the rows), advanced in turn one step each, every timed step waiting for its device
+    work, so that each row is timed over the same minutes and under the same load as the others. Prints a
+    table with each row's ratio to ``reference`` (a job name; default the first) and writes
+    ``<out>/benchmark_side_by_side.json`` (each row with ``extra[name]``, e.g. its task and setting); these
+    ratios, never those of separately timed runs, are the ones to compare."""
+    with engine.timed_side_by_side():
+        results = Scheduler(jobs, len(jobs), device).finish()
+    rows = [{"run": job.name, **result, **(extra or {}).get(job.name, {})} for job, result in zip(jobs, results)]
+    base = next((r for r in rows if r["run"] == reference), rows[0])
+    for r in rows:
+        r["vs_reference"] = r["step_ms"] / base["step_ms"]
+    first = rows[0]
+    print(f"\nstep time measured side by side (interleaved one step each, {first['steps']} timed steps per run, "
+          f"batch {first['batch_size']}, amp {first['amp'].removeprefix('torch.').lower()}, device {first['device']})\n"
+          f"| run | ms/step | samples/s | ÷ {base['run']} | updated params (M) |\n|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['run']} | {r['step_ms']:.2f} | {r['images_per_s']:.0f} | {r['vs_reference']:.2f} | "
+              f"{r['updated_params'] / 1e6:.3f} |")
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / "benchmark_side_by_side.json").write_text(json.dumps({"reference": base["run"], "rows": rows},
+                                                                      indent=2) + "\n")
+    return rows

@@ -45,7 +45,7 @@ NOT_AN_EXPERIMENT = {"seed", "out", "data_dir", "download", "device", "log_every
 METRICS = {"top1": ("top-1", 2, 1), "best_top1": ("best top-1", 2, 1), "score": ("score", 2, 1),
            "kl": ("KL", 3, 1), "pl": ("PL", 1, 100), "agreement": ("agreement", 1, 1), "gap": ("gap", 3, 1),
            "cka_logits": ("CKA logits", 3, 1), "cka_features": ("CKA features", 3, 1),
-           "batch_time_ms": ("batch ms", 1, 1), "teacher_top1": ("teacher top-1", 2, 1),
+           "batch_time_ms": ("own-run wall ms/step", 1, 1), "teacher_top1": ("teacher top-1", 2, 1),
            "updated_params": ("updated params (M)", 2, 1e-6), "batch_time": ("paper batch time", 3, 1)}
 TSNE_CLASSES = 7
 TSNE_ROWS_PER_CLASS = 100
@@ -283,30 +283,52 @@ def top1_tables(groups: list[Group], paper: dict) -> list[str]:
 
 
 def cost_tables(groups: list[Group], paper: dict) -> list[str]:
-    """Table 7 (Table 2 for ImageNet): batch time, its ratio to KD's, updated parameters, top-1."""
+    """Table 7 (Table 2 for ImageNet): each run's own step time, updated parameters, top-1. No ratio: runs timed
+    apart saw different loads; the ratios come from ``side_by_side_tables``."""
     out = []
     for (task, setting) in dict.fromkeys((g.task, g.setting) for g in groups if g.task in ("cifar100", "imagenet")):
         chosen = [g for g in groups if (g.task, g.setting) == (task, setting)]
-        kd = next((g for g in chosen if g.method == "kd" and not g.variant), None)
-        kd_ms = mean_std(kd.values("batch_time_ms"))[0] if kd else None
-        kd_paper = paper.get((task, setting, "kd", "batch_time"), [])
-        rows = []
-        for g in chosen:
-            ms = mean_std(g.values("batch_time_ms"))[0]
-            ratio = f"{ms / kd_ms:.2f}" if ms and kd_ms else "–"
-            own = paper.get((task, setting, g.method, "batch_time"), [])
-            paper_ratio = f"{own[0]['value'] / kd_paper[0]['value']:.2f}" if own and kd_paper else "–"
-            rows.append([g.label, cell(g.values("batch_time_ms"), "batch_time_ms"), ratio,
-                         paper_cell(paper, g, "batch_time"), paper_ratio,
-                         cell(g.values("updated_params"), "updated_params"), paper_cell(paper, g, "updated_params"),
-                         with_paper(g, "top1", paper)])
+        rows = [[g.label, cell(g.values("batch_time_ms"), "batch_time_ms"), paper_cell(paper, g, "batch_time"),
+                 paper_ratio(paper, task, setting, g.method), cell(g.values("updated_params"), "updated_params"),
+                 paper_cell(paper, g, "updated_params"), with_paper(g, "top1", paper)] for g in chosen]
         table = 7 if task == "cifar100" else 2
-        out.append(f"## Table {table}: {place(task, setting)}, training cost\n\nBatch time is per training step on the "
-                   f"machine that ran it (the paper's is on its GPU, units not stated): compare the ratios to KD. "
-                   f"The paper's parameter counts include the frozen teacher for KD; ours count updated parameters "
-                   f"only.\n\n" + md_table(["method", "batch ms", "÷ KD", "paper batch time", "paper ÷ KD",
-                                             "updated params (M)", "paper params (M)", "top-1"], rows)
+        out.append(f"## Table {table}: {place(task, setting)}, training cost\n\n\"own-run wall ms/step\" is each run's "
+                   f"mean training step while it ran, on whatever machine and load it had: runs made at different "
+                   f"times are not comparable, so no ratio is printed from it (a side-by-side benchmark gives the "
+                   f"ratios: `train_cifar.py --sweep method=kd,pesf --benchmark-steps 200`). The paper's parameter "
+                   f"counts include the frozen teacher for KD; ours count updated parameters only.\n\n"
+                   + md_table(["method", "own-run wall ms/step", "paper batch time", "paper ÷ KD",
+                               "updated params (M)", "paper params (M)", "top-1"], rows)
                    + f"\n\n{provenance(chosen)}")
+    return out
+
+
+def paper_ratio(paper: dict, task: str, setting: str, method: str) -> str:
+    """The paper's batch time of ``method`` over its KD's (Table 7), or "–"."""
+    own, kd = paper.get((task, setting, method, "batch_time")), paper.get((task, setting, "kd", "batch_time"))
+    return f"{own[0]['value'] / kd[0]['value']:.2f}" if own and kd else "–"
+
+
+def side_by_side_tables(paths: list[str], paper: dict, log=print) -> list[str]:
+    """Step time from each ``benchmark_side_by_side.json`` under ``paths`` (``multirun.compare``: its rows timed
+    interleaved in one process, under one load): the only step-time ratios the report prints."""
+    files = sorted({f for pattern in paths for match in (glob.glob(pattern, recursive=True) or [pattern])
+                    for f in Path(match).rglob("benchmark_side_by_side.json")})
+    out = []
+    for path in files:
+        try:
+            bench = json.loads(path.read_text())
+            rows = [[r["run"], f"{r['step_ms']:.2f}", f"{r['images_per_s']:.0f}", f"{r['vs_reference']:.2f}",
+                     paper_ratio(paper, r.get("task", ""), r.get("setting", ""), r["method"]),
+                     f"{r['updated_params'] / 1e6:.3f}"] for r in bench["rows"]]
+            first = bench["rows"][0]
+            out.append(f"## Step time measured side by side ({path.parent})\n\nEvery row timed in one process, "
+                       f"interleaved one step at a time ({first['steps']} timed steps each, batch "
+                       f"{first['batch_size']}, device {first['device']}), so that all saw the same load.\n\n"
+                       + md_table(["run", "ms/step", "samples/s", f"÷ {bench['reference']}", "paper ÷ KD",
+                                   "updated params (M)"], rows))
+        except (ValueError, KeyError, TypeError, IndexError) as err:
+            log(f"skipped {path}: malformed ({type(err).__name__}: {err})")
     return out
 
 
@@ -360,6 +382,20 @@ def runs_table(groups: list[Group]) -> str:
 # ----------------------------------------------------------------------------------------------
 # Figures: each a list of rows (panel, series, x, y, std, n), written as CSV and drawn from the same rows
 # ----------------------------------------------------------------------------------------------
+# Panels of the training curves and the axis labels of every panel: (x label, y label), units included.
+TOP1, GAP, KL, AGREEMENT = "top-1 on the test set", "sharpness gap", "KL(teacher || student), tau 1", "agreement"
+LOSS = "training loss, per term as summed into it"
+AXES = {TOP1: ("epoch", "top-1 (%)"), GAP: ("epoch", "mean logsumexp(t) - logsumexp(s) (nats)"),
+        KL: ("epoch", "KL (nats, unweighted)"), AGREEMENT: ("epoch", "same top-1 class (% of test images)"),
+        LOSS: ("epoch", "loss per batch (nats)"),
+        "student major logit": ("max logit - mean logit (logit units)", "density"),
+        "teacher major logit": ("max logit - mean logit (logit units)", "density"),
+        "per-row gap": ("logsumexp(t) - logsumexp(s) per test image (nats)", "density"),
+        "mean gap vs tau": ("temperature tau", "mean gap (nats)"),
+        "CKA of penultimate features (Fig. 7)": ("teacher -> student", "linear CKA (0 to 1)"),
+        "CKA of predictions (Fig. 8)": ("teacher -> student", "linear CKA (0 to 1)")}
+
+
 def stat_row(panel: str, series: str, x, values: list[float]) -> dict:
     mean, std, n = mean_std(values)
     return {"panel": panel, "series": series, "x": x, "y": mean, "std": std, "n": n}
@@ -367,10 +403,13 @@ def stat_row(panel: str, series: str, x, values: list[float]) -> dict:
 
 def curve_rows(group: Group) -> list[dict]:
     """Per epoch, mean ± std over seeds: top-1 (and the teacher's), each loss term, gap, KL, agreement."""
-    series = [("top-1", "student", "top1"), ("top-1", "teacher", "teacher_top1"), ("gap", "gap", "gap"),
-              ("KL", "KL", "kl"), ("agreement", "agreement", "agreement")]
-    loss_keys = sorted({k for r in group.runs for m in r.metrics for k in m if k.startswith("train_")})
-    series += [("train loss", k.removeprefix("train_"), k) for k in loss_keys]
+    series = [(TOP1, "student", "top1"), (TOP1, "teacher", "teacher_top1"), (GAP, "gap", "gap"),
+              (KL, "KL", "kl"), (AGREEMENT, "agreement", "agreement")]
+    loss_keys = sorted({k for r in group.runs for m in r.metrics for k in m if k.startswith("train_")},
+                       key=lambda k: (k != "train_loss", k))
+    # Every logged term is the weighted addend of the loss (engine.TrainStep sums them): say so in its name.
+    series += [(LOSS, "total loss" if k == "train_loss" else f"{k.removeprefix('train_')} (weighted)", k)
+               for k in loss_keys]
     epochs = sorted({m["epoch"] for r in group.runs for m in r.metrics if "epoch" in m})
     rows = []
     for panel, name, key in series:
@@ -426,7 +465,8 @@ def fig3_rows(groups: list[Group]) -> list[dict]:
     with_out = [g for g in groups if _outputs(g)]
     rows = _histogram("per-row gap", {g.label: np.concatenate([row_gap(o) for o in _outputs(g)])
                                       for g in with_out}) if with_out else []
-    return rows + sweep_rows([g for g in groups if g.values("gap")], "tau", "gap", "mean gap vs tau")
+    taus = sweep_rows([g for g in groups if g.values("gap")], "tau", "gap", "mean gap vs tau")
+    return rows + (taus if len({r["x"] for r in taus}) > 1 else [])   # one tau: no curve to draw
 
 
 def sweep_rows(groups: list[Group], key: str, metric: str, panel: str) -> list[dict]:
@@ -473,48 +513,75 @@ def write_csv(path: Path, rows: list[dict]) -> None:
         writer.writerows({k: ("" if v is None else v) for k, v in r.items()} for r in rows)
 
 
-def draw(plt, path: Path, title: str, rows: list[dict], kind: str | dict[str, str], footer: str) -> None:
-    """One axes per panel. kind (or panel -> kind): line (x numeric, error bars), bar (x categorical),
-    hist (density), scatter."""
+LINE_STYLES = ("-", "--", ":", "-.", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1)))
+MARKERS = ("o", "s", "^", "D", "v", "P")
+
+
+def same_as(mine: list[dict], series: list[str]) -> dict[str, str]:
+    """Series whose points are exactly those of an earlier series: series -> the earlier one."""
+    points = {s: [(r["x"], r["y"]) for r in mine if r["series"] == s] for s in series}
+    return {s: next(o for o in series[:i] if points[o] == points[s]) for i, s in enumerate(series)
+            if any(points[o] == points[s] for o in series[:i])}
+
+
+def draw(plt, path: Path, title: str, rows: list[dict], kind: str | dict[str, str],
+         axes_labels: dict[str, tuple[str, str]], footer: str) -> None:
+    """One axes per panel, each axis labelled (``axes_labels[panel]``, else ``AXES``), the legend beside the
+    axes. kind (or panel -> kind): line (x numeric, error bars), bar (x categorical), hist (density), scatter.
+    Series differ in colour and line style (a dashed line stays visible on a solid one it coincides with), and
+    a series identical to an earlier one says so in the legend."""
     panels = list(dict.fromkeys(r["panel"] for r in rows))
-    cols = min(len(panels), 3)
-    fig, axes = plt.subplots(-(-len(panels) // cols), cols, figsize=(4.6 * cols, 3.6 * -(-len(panels) // cols)),
-                             squeeze=False)
+    cols = min(len(panels), 2)
+    nrows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(6.4 * cols, 3.4 * nrows), squeeze=False, layout="constrained")
     for ax in axes.flat[len(panels):]:
         ax.axis("off")
     for ax, panel in zip(axes.flat, panels):
         mine = [r for r in rows if r["panel"] == panel]
         series = list(dict.fromkeys(r["series"] for r in mine))
+        twins = same_as(mine, series)
+        names = {s: f"{s} (identical to {twins[s]})" if s in twins else s for s in series}
         panel_kind = kind.get(panel, "line") if isinstance(kind, dict) else kind
-        if panel_kind == "bar":
+        if panel_kind == "bar":   # each category's bars centred on its tick
             cats = list(dict.fromkeys(r["x"] for r in mine))
-            width = 0.8 / len(series)
+            present = {c: [r["series"] for r in mine if r["x"] == c] for c in cats}
+            width = 0.8 / max(len(v) for v in present.values())
             for i, s in enumerate(series):
                 pts = [r for r in mine if r["series"] == s]
-                ax.bar([cats.index(r["x"]) + i * width for r in pts], [r["y"] for r in pts], width,
-                       yerr=[r["std"] or 0 for r in pts], capsize=3, label=s)
-            ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cats))], [str(c) for c in cats], fontsize=7,
-                          rotation=10)
+                xs = [j + (present[r["x"]].index(s) - (len(present[r["x"]]) - 1) / 2) * width
+                      for j, r in ((cats.index(r["x"]), r) for r in pts)]
+                ax.bar(xs, [r["y"] for r in pts], width, yerr=[r["std"] or 0 for r in pts], capsize=3,
+                       label=names[s], hatch=("", "//", "..", "xx")[i % 4])
+            ax.set_xticks(range(len(cats)), [str(c).replace("_", " ->\n") for c in cats], fontsize=8)
         else:
-            for s in series:
+            for i, s in enumerate(series):
                 pts = [r for r in mine if r["series"] == s]
                 xs, ys = [r["x"] for r in pts], [r["y"] for r in pts]
+                # later series thinner and in another dash pattern: one drawn over another stays visible
+                style = dict(label=names[s], linestyle=LINE_STYLES[i % len(LINE_STYLES)],
+                             linewidth=max(2.4 - 0.4 * i, 0.8))
                 if panel_kind == "scatter":
-                    ax.scatter(xs, ys, s=6, label=s)
+                    ax.scatter(xs, ys, s=6, label=names[s], marker=MARKERS[i % len(MARKERS)])
                 elif panel_kind == "hist":
-                    ax.plot(xs, ys, drawstyle="steps-mid", label=s)
+                    ax.plot(xs, ys, drawstyle="steps-mid", **style)
                 else:
-                    ax.errorbar(xs, ys, yerr=[r["std"] or 0 for r in pts], marker="o", ms=3, capsize=3, label=s)
+                    ax.errorbar(xs, ys, yerr=[r["std"] or 0 for r in pts], marker=MARKERS[i % len(MARKERS)], ms=4,
+                                capsize=3, **style)
             xs = [r["x"] for r in mine]
             if panel_kind == "line" and min(xs) > 0 and max(xs) / min(xs) >= 100:
                 ax.set_xscale("log")
+            if panel_kind == "line" and all(float(x).is_integer() for x in xs):
+                ax.xaxis.get_major_locator().set_params(integer=True)   # epochs, not fractions of one
+        xlabel, ylabel = axes_labels.get(panel) or AXES.get(panel, ("", ""))
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.set_ylabel(ylabel, fontsize=8)
         ax.set_title(panel, fontsize=9)
-        ax.legend(fontsize=6, markerscale=2 if panel_kind == "scatter" else 1)
+        if len(series) > 1 or panel_kind == "bar":
+            ax.legend(fontsize=7, markerscale=2 if panel_kind == "scatter" else 1, loc="upper left",
+                      bbox_to_anchor=(1.01, 1), borderaxespad=0, frameon=False)
     fig.suptitle(title, fontsize=10)
-    fig.text(0.01, 0.005, footer, fontsize=6, color="gray")
-    # Fixed margins rather than tight_layout, which draws every figure twice.
-    fig.subplots_adjust(left=0.06, right=0.98, bottom=0.1, top=0.86, wspace=0.28, hspace=0.45)
-    fig.savefig(path, dpi=100)
+    fig.text(0.01, 0.0, footer, fontsize=6, color="gray", va="top")
+    fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -524,32 +591,35 @@ def slug(text: str) -> str:
 
 def make_figures(groups: list[Group], out: Path, log=print) -> list[tuple[str, str, list[Group]]]:
     """Write every figure's CSV (and PNG when matplotlib imports); returns (file stem, title, groups) per figure."""
-    plans = []   # (stem, title, kind, rows, groups)
+    plans = []   # (stem, title, kind, axis labels of the panels not in AXES, rows, groups)
     for g in groups:
         plans.append((f"curves_{slug(g.task + '_' + g.setting + '_' + g.label)}",
-                      f"Training curves: {g.task} {g.setting} {g.label}", "line", curve_rows(g), [g]))
+                      f"Training curves: {g.task} {g.setting} {g.label} (one point per evaluated epoch)", "line", {},
+                      curve_rows(g), [g]))
     for (task, setting) in dict.fromkeys((g.task, g.setting) for g in groups):
         chosen = [g for g in groups if (g.task, g.setting) == (task, setting)]
         taught = [g for g in chosen if g.values("kl")]
         where = slug(f"{task}_{setting}")
         plans += [(f"fig2_major_logits_{where}", f"Fig. 2: normalised major logits, {place(task, setting)}", "hist",
-                   fig2_rows(taught), taught),
+                   {}, fig2_rows(taught), taught),
                   (f"fig3_sharpness_gap_{where}", f"Fig. 3: sharpness gap, {place(task, setting)}",
-                   {"per-row gap": "hist"}, fig3_rows(taught), taught),
-                  (f"fig7_8_cka_{where}", f"Figs. 7-8: linear CKA, {place(task, setting)}", "bar",
+                   {"per-row gap": "hist"}, {}, fig3_rows(taught), taught),
+                  (f"fig7_8_cka_{where}", f"Figs. 7-8: linear CKA, {place(task, setting)}", "bar", {},
                    bar_rows(taught, "cka_features", "CKA of penultimate features (Fig. 7)")
                    + bar_rows(taught, "cka_logits", "CKA of predictions (Fig. 8)"), taught)]
         try:
             plans.append((f"fig9_tsne_{where}", f"Fig. 9: t-SNE of student features, {place(task, setting)}", "scatter",
-                          tsne_rows(chosen), chosen))
+                          {g.label: ("t-SNE 1 (no unit)", "t-SNE 2 (no unit)") for g in chosen}, tsne_rows(chosen),
+                          chosen))
         except ImportError:
             log("Fig. 9 (t-SNE) skipped: scikit-learn is not installed (pip install scikit-learn)")
         for key in dict.fromkeys(k for g in chosen for k, _ in g.variant):
             rows = sweep_rows(chosen, key, "top1", f"top-1 vs {key}")
             if len({r["x"] for r in rows}) > 1:
                 plans.append((f"sweep_{slug(key)}_{where}", f"Figs. 10-13: top-1 against {key}, {place(task, setting)}",
-                              "line", rows, chosen))
+                              "line", {f"top-1 vs {key}": (key, "top-1 (%)")}, rows, chosen))
     plans.append(("fig4_top1", "Fig. 4: top-1 (mean ± std over seeds)", "bar",
+                  {g.task: ("teacher -> student (or the network trained alone)", "top-1 (%)") for g in groups},
                   [r for g in groups for r in bar_rows([g], "top1", g.task)], groups))
     try:
         import matplotlib
@@ -559,13 +629,13 @@ def make_figures(groups: list[Group], out: Path, log=print) -> list[tuple[str, s
         plt = None
         log("figures skipped (CSVs written): matplotlib is not installed (pip install matplotlib)")
     written = []
-    for stem, title, kind, rows, members in plans:
+    for stem, title, kind, axes_labels, rows, members in plans:
         if not rows:
             continue
         write_csv(out / f"{stem}.csv", rows)
         if plt is not None:
             commits = ", ".join(sorted({r.commit[:12] for g in members for r in g.runs}))
-            draw(plt, out / f"{stem}.png", title, rows, kind,
+            draw(plt, out / f"{stem}.png", title, rows, kind, axes_labels,
                  f"{sum(len(g.runs) for g in members)} run folders; commit {commits}")
         log(f"wrote {out / stem}.{'png and .csv' if plt is not None else 'csv'}")
         written.append((stem, title, members))
@@ -592,6 +662,7 @@ def write_report(paths: list[str], out: str | Path, log=print, figures: bool = T
     paper = load_paper_values()
     written = make_figures(groups, out, log) if figures else []
     sections = [runs_table(groups), *top1_tables(groups, paper), *cost_tables(groups, paper),
+                *side_by_side_tables([str(p) for p in paths], paper, log),
                 *consistency_tables(groups, paper), *glue_table(groups, paper)]
     figure_rows = [[f"[{stem}.png]({stem}.png)", f"[csv]({stem}.csv)", title,
                     provenance(members)] for stem, title, members in written]

@@ -48,7 +48,7 @@ class CifarConfig:
     student: str = "resnet20"
     teacher_ckpt: str | None = None
     assistant: str = "resnet32"             # takd: the teacher assistant (between resnet56 and resnet20 in depth)
-    data_dir: str = field(default_factory=lambda: os.environ.get("PESF_DATA", "./data"))
+    data_dir: str | None = None             # the folder holding cifar-100-python/; None: engine.data_places
     download: bool = False
     out: str | None = None                  # may name config keys: runs/x_s{seed}; default: run_folder()
     epochs: int = 240
@@ -105,8 +105,15 @@ class CifarConfig:
 # ----------------------------------------------------------------------------------------------
 # Data
 # ----------------------------------------------------------------------------------------------
-class DataNotFound(FileNotFoundError):
-    pass
+DataNotFound = engine.DataNotFound
+
+
+def find_cifar100(data_dir: str | None, download: bool = False) -> Path:
+    """The folder holding ``cifar-100-python/``: ``data_dir`` when given, else the first of the places every
+    script searches (with ``download``, where to download it when no place holds it)."""
+    return engine.find_data(data_dir, engine.data_places(""), ["cifar-100-python/train", "cifar-100-python/test"],
+                            "CIFAR-100", "pass --download to fetch it with torchvision (about 170 MB), or point "
+                            "--data-dir or PESF_DATA at the folder that holds cifar-100-python/", download)
 
 
 class DataUnreadable(ValueError):
@@ -340,7 +347,7 @@ def train_steps(cfg: CifarConfig, dist: engine.Dist, amp_dtype: torch.dtype | No
         train = synthetic_batches(cfg.batch_size, dist.device, cfg.channels_last, cfg.seed)
         test = None
     else:
-        data = load_cifar100(cfg.data_dir, cfg.download)
+        data = load_cifar100(find_cifar100(cfg.data_dir, cfg.download), cfg.download)
         images, labels = data["train"]
         if cfg.train_subset:
             images, labels = images[:cfg.train_subset], labels[:cfg.train_subset]
@@ -377,16 +384,6 @@ def train_steps(cfg: CifarConfig, dist: engine.Dist, amp_dtype: torch.dtype | No
 # ----------------------------------------------------------------------------------------------
 # Quickstart: a small teacher, then KD and PESF students, and a comparison table
 # ----------------------------------------------------------------------------------------------
-def quickstart_data(data_dir: str) -> str:
-    """``data_dir`` when it holds CIFAR-100, else the ``shared/data`` folder beside the checkout (where the
-    project's development machines keep it) when that does; otherwise ``data_dir``, to download into."""
-    shared = Path(__file__).resolve().parent.parent / "shared" / "data"
-    for candidate in (Path(data_dir), shared):
-        if (candidate / "cifar-100-python" / "train").is_file():
-            return str(candidate)
-    return data_dir
-
-
 def quickstart(base: CifarConfig, resume: bool = False, overwrite: bool = False) -> None:
     cuda = torch.cuda.is_available() and base.device in ("auto", "cuda")
     if cuda:
@@ -394,11 +391,11 @@ def quickstart(base: CifarConfig, resume: bool = False, overwrite: bool = False)
         teacher, student = "resnet56", "resnet20"
     else:  # a 2-core CPU: a few minutes in all
         size = dict(epochs=4, lr_schedule="cosine", lr=0.1, batch_size=64, train_subset=12000, eval_batch_size=500,
-                    eval_every=4, log_every=50)
+                    eval_every=1, log_every=50)   # every epoch: one point per epoch in the curves
         teacher, student = "resnet14", "resnet8"
     root = Path(base.out or "runs/quickstart")
-    common = dataclasses.replace(base, teacher=teacher, student=student, data_dir=quickstart_data(base.data_dir),
-                                 download=True, **size)
+    data_dir = str(find_cifar100(base.data_dir, download=True))
+    common = dataclasses.replace(base, teacher=teacher, student=student, data_dir=data_dir, download=True, **size)
     print(f"quickstart on {'CUDA' if cuda else 'CPU'}: teacher {teacher}, students {student}, "
           f"{size['epochs']} epochs each, data in {common.data_dir}, outputs in {root}/", flush=True)
     runs = {f"teacher ({teacher}, ce)": dataclasses.replace(common, method="ce", student=teacher,
@@ -414,11 +411,18 @@ def quickstart(base: CifarConfig, resume: bool = False, overwrite: bool = False)
             rows[name] = run(cfg, resume=resume, overwrite=overwrite)
     finally:
         engine.expect_more_runs(0)
-    print("\n| run | top-1 | teacher top-1 | gap | KL | agreement | batch ms |\n|---|---|---|---|---|---|---|")
+    print("\n| run | top-1 | teacher top-1 | gap | KL | agreement |\n|---|---|---|---|---|---|")
     for name, s in rows.items():
-        cells = [s.get("top1"), s.get("teacher_top1"), s.get("gap"), s.get("kl"), s.get("agreement"),
-                 s.get("batch_time_ms")]
+        cells = [s.get("top1"), s.get("teacher_top1"), s.get("gap"), s.get("kl"), s.get("agreement")]
         print(f"| {name} | " + " | ".join("–" if v is None else f"{v:.2f}" for v in cells) + " |")
+    print("top-1: % of the test set; teacher top-1: the teacher's at the end (pesf's includes its adapter); gap: mean "
+          "logsumexp(teacher) - logsumexp(student) (nats); KL: KL(teacher || student) at tau 1 (nats); agreement: % "
+          "of test images where both predict the same class. All on the test set after the last epoch.")
+    # Step times: each run's own wall time saw its own load, so the ratios come from one side-by-side benchmark.
+    students = list(runs.items())[1:]
+    compare_steps({name: dataclasses.replace(cfg, benchmark_steps=200 if cuda else 20,
+                                             out=str(root / "benchmark" / cfg.method)) for name, cfg in students},
+                  root / "benchmark")
     print("\nWhat to expect: " + (
         "this is the GPU size (resnet56 -> resnet20, full data, 15 epochs); its numbers have not been measured "
         "for this README yet." if cuda else
@@ -440,7 +444,8 @@ def parse_args(argv=None) -> tuple[CifarConfig, argparse.Namespace]:
         ("teacher", str, f"teacher architecture (default resnet56): {', '.join(CIFAR_MODELS)}"),
         ("student", str, "student architecture (default resnet20), one of the teacher's list"),
         ("teacher-ckpt", str, "the teacher's weights: a ce run's last.pt, or a RepDistiller checkpoint"),
-        ("data-dir", str, "folder holding cifar-100-python/ (default $PESF_DATA or ./data)"),
+        ("data-dir", str, "folder holding cifar-100-python/ (default: the first of $PESF_DATA, ./data, "
+                             "../shared/data that holds it)"),
         ("out", str, "run folder (default from the config path, or runs/cifar/<method>_<pair>_s<seed>)"),
         ("epochs", int, "training epochs (default 240)"),
         ("batch-size", int, "global batch size, split across processes (default 64)"),
@@ -547,6 +552,17 @@ def benchmark_concurrency(args: argparse.Namespace, base: CifarConfig, cfgs: lis
     multirun.benchmark(jobs, counts, torch.device(engine.check_device(base.device)), root)
 
 
+def compare_steps(cfgs: dict[str, CifarConfig], out: Path) -> list[dict]:
+    """--benchmark-steps of each named config, interleaved step by step in this process (``multirun.compare``):
+    the step-time ratios between them are measured under one load; ratios to ``kd`` when it is one of them."""
+    jobs = [multirun.Job(name, functools.partial(run_steps, cfg)) for name, cfg in cfgs.items()]
+    reference = next((name for name, cfg in cfgs.items() if cfg.method == "kd"), None)
+    device = torch.device(engine.check_device(next(iter(cfgs.values())).device))
+    extra = {name: {"task": "cifar100", "setting": f"{cfg.teacher}_{cfg.student}" if needs_teacher(cfg.method)
+                    else cfg.student} for name, cfg in cfgs.items()}
+    return multirun.compare(jobs, device, out, reference, extra)
+
+
 def seeds(args: argparse.Namespace, base: CifarConfig) -> None:
     """--seeds without --sweep: the same config once per seed, each run exactly as if started alone."""
     if isinstance(args.resume, str):
@@ -566,9 +582,9 @@ def sweep(args: argparse.Namespace, base: CifarConfig) -> None:
     """One run per combination of the --sweep values, each in <out>/<key>=<value>..., then a table."""
     if isinstance(args.resume, str):
         raise engine.ConfigError("--resume PATH continues one run; a sweep continues with --resume alone")
-    if base.benchmark_steps:
-        raise engine.ConfigError("--benchmark-steps with --sweep: benchmark one config (with --seeds for the "
-                                 "concurrent throughput)")
+    if base.benchmark_steps and args.seeds:
+        raise engine.ConfigError("--benchmark-steps with --sweep compares the sweep's configs side by side, once "
+                                 "each: drop --seeds (or drop --sweep for the concurrent throughput of seeds)")
     axes = []
     for item in args.sweep:
         key, sep, values = item.partition("=")
@@ -583,6 +599,8 @@ def sweep(args: argparse.Namespace, base: CifarConfig) -> None:
                          **({} if seed is None else {"seed": seed})}
             cfgs.append(engine.build_config(CifarConfig, args.config, [*args.set, *combo], overrides))
             combos.append(combo)
+    if base.benchmark_steps:
+        return compare_steps({" ".join(combo): cfg for combo, cfg in zip(combos, cfgs)}, root)
     rows = list(zip(combos, run_many(cfgs, args)))
     print("\n| run | seed | top-1 | best top-1 | teacher top-1 | gap | KL | agreement |\n|---|---|---|---|---|---|---|---|")
     for combo, s in rows:

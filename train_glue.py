@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +35,7 @@ from models.bert import BertForSequenceClassification, load_tokenizer, student_f
 @dataclass
 class GlueConfig:
     task: str = "rte"                       # sst2 rte qqp mnli mnli-mm qnli mrpc cola wnli (or SST-2, ...)
-    data_dir: str = field(default_factory=lambda: os.environ.get("PESF_GLUE", "./data/glue"))
+    data_dir: str | None = None             # the folder holding the task folders; None: engine.data_places
     teacher: str | None = None              # Hugging Face folder; its vocab.txt tokenises the data
     student: str | None = None              # Hugging Face folder, or None: teacher layers student_layers
     student_layers: list[int] = field(default_factory=lambda: [0, 2, 4, 6, 8, 10])   # SPEC sec. 3
@@ -89,8 +88,7 @@ class GlueConfig:
 # ----------------------------------------------------------------------------------------------
 # Data: the GLUE TSV files, read by header column names, tokenised once
 # ----------------------------------------------------------------------------------------------
-class DataNotFound(FileNotFoundError):
-    pass
+DataNotFound = engine.DataNotFound
 
 
 @dataclass(frozen=True)
@@ -178,12 +176,13 @@ def read_glue_tsv(path: str | Path, task: GlueTask) -> GlueSplit:
     return GlueSplit(texts, torch.tensor(labels, dtype=torch.int64), skipped)
 
 
-def load_glue(data_dir: str | Path, task: GlueTask, log=print) -> dict[str, GlueSplit]:
-    folder = Path(data_dir) / task.folder
-    files = {"train": folder / "train.tsv", "dev": folder / task.dev}
-    if not all(f.is_file() for f in files.values()):
-        raise DataNotFound(f"GLUE {task.folder} not found: looked for {files['train']} and {files['dev']}; point "
-                           f"--data-dir or PESF_GLUE at the folder that holds {task.folder}/")
+def load_glue(data_dir: str | Path | None, task: GlueTask, log=print) -> dict[str, GlueSplit]:
+    """The task's train and dev splits from ``data_dir``, or from the first place every script searches."""
+    required = [f"{task.folder}/train.tsv", f"{task.folder}/{task.dev}"]
+    root = engine.find_data(data_dir, engine.data_places("glue", "PESF_GLUE"), required, f"GLUE {task.folder}",
+                            f"download the GLUE data (gluebenchmark.com/tasks) and point --data-dir, PESF_GLUE or "
+                            f"PESF_DATA/glue at the folder that holds {task.folder}/")
+    files = {"train": root / required[0], "dev": root / required[1]}
     splits = {}
     for split, path in files.items():
         splits[split] = read_glue_tsv(path, task)
@@ -471,7 +470,8 @@ def parse_args(argv=None) -> tuple[GlueConfig, argparse.Namespace]:
         ("method", str, f"distillation method (default kd): {', '.join(methods)}"),
         ("teacher", str, "fine-tuned teacher, a Hugging Face BERT folder (a ce run's <out>/student)"),
         ("student", str, "student BERT folder (default: teacher layers student_layers)"),
-        ("data-dir", str, "folder holding the GLUE task folders (default $PESF_GLUE or ./data/glue)"),
+        ("data-dir", str, "folder holding the GLUE task folders (default: the first of $PESF_GLUE, $PESF_DATA/glue, "
+                             "./data/glue, ../shared/data/glue that holds the task)"),
         ("out", str, "run folder (default runs/glue/<task>/<method>_<student>_s<seed>)"),
         ("epochs", int, "training epochs (default 4)"),
         ("batch-size", int, "global batch size, split across processes (default 32)"),

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +40,7 @@ class ImagenetConfig:
     student: str = "resnet18"
     teacher_weights: str | None = "IMAGENET1K_V1"   # torchvision's pretrained teacher (76.1 % top-1)
     teacher_ckpt: str | None = None                 # overrides teacher_weights
-    data_dir: str = field(default_factory=lambda: os.environ.get("PESF_IMAGENET", "./data/imagenet"))
+    data_dir: str | None = None             # the folder holding train/ and val/; None: engine.data_places
     out: str | None = None                  # default: runs/imagenet/<method>_<teacher>_<student>_s<seed>
     epochs: int = 100
     batch_size: int = 256                   # global batch, split across ranks
@@ -210,21 +209,44 @@ def build_models(cfg: ImagenetConfig, num_classes: int, log: engine.RunLog) -> t
     if cfg.teacher_ckpt:
         teacher = models.build_model(cfg.teacher, num_classes, **adapter)
         models.load_checkpoint(teacher, checkpoints.load_file(cfg.teacher_ckpt, "teacher checkpoint"))
-    elif cfg.teacher_weights:
+    elif cfg.teacher_weights and not (cfg.benchmark_steps and not cached_weights(cfg.teacher, cfg.teacher_weights)):
         if num_classes != 1000:
             raise engine.ConfigError(f"teacher_weights {cfg.teacher_weights!r} are for 1000 classes, the data has "
                                      f"{num_classes}: pass --teacher-ckpt")
-        try:
-            teacher = models.build_model(cfg.teacher, num_classes, weights=cfg.teacher_weights, **adapter)
-        except OSError as err:   # no network or cache: say what to do instead of a urllib traceback
-            raise engine.ConfigError(f"could not load torchvision weights {cfg.teacher_weights!r} ({err}); put "
-                                     f"them in the torch hub cache or pass --teacher-ckpt") from None
-    elif cfg.benchmark_steps:
-        log.print("note: no teacher weights; benchmarking with a randomly initialised teacher")
+        teacher = download_teacher(cfg.teacher, cfg.teacher_weights, num_classes, adapter)
+    elif cfg.benchmark_steps:   # step time does not depend on the weights' values: never download for it
+        missing = f"{cfg.teacher_weights} not in {hub_checkpoints()}" if cfg.teacher_weights else "no teacher weights"
+        log.print(f"note: {missing}; benchmarking with a randomly initialised teacher (step time is the same)")
         teacher = models.build_model(cfg.teacher, num_classes, **adapter)
     else:
         raise engine.ConfigError(f"method {cfg.method!r} needs a teacher: set teacher_weights or --teacher-ckpt")
     return student, teacher
+
+
+def hub_checkpoints() -> Path:
+    """Where torchvision keeps (and downloads) its pretrained weights."""
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def cached_weights(model: str, weights: str) -> Path | None:
+    """The local file of torchvision's ``weights`` for ``model``, or None when it is not downloaded yet."""
+    from torchvision.models import get_model_weights
+    path = hub_checkpoints() / Path(get_model_weights(model)[weights].url).name
+    return path if path.is_file() else None
+
+
+def download_teacher(model: str, weights: str, num_classes: int, adapter: dict) -> nn.Module:
+    """torchvision's pretrained ``model`` (downloaded into the torch hub cache unless already there). Offline, a
+    one-line error, and the cache folders the attempt created are removed again."""
+    created = [folder for folder in (hub_checkpoints().parent, hub_checkpoints()) if not folder.exists()]
+    try:
+        return models.build_model(model, num_classes, weights=weights, **adapter)
+    except OSError as err:   # no network: say what to do instead of a urllib traceback
+        for folder in reversed(created):
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+        raise engine.ConfigError(f"could not download torchvision weights {weights!r} ({err}); put them in "
+                                 f"{hub_checkpoints()} or pass --teacher-ckpt") from None
 
 
 def resolve(cfg: ImagenetConfig, dist: engine.Dist) -> tuple[ImagenetConfig, torch.dtype | None]:
@@ -264,7 +286,10 @@ def train(cfg: ImagenetConfig, dist: engine.Dist, amp_dtype: torch.dtype | None,
                                  cfg.channels_last)
         train_labels = train.y.repeat(len(train) * dist.world)   # bank row i holds batch row i % batch
     else:
-        root = Path(cfg.data_dir)
+        root = engine.find_data(cfg.data_dir, engine.data_places("imagenet", "PESF_IMAGENET"), ["train", "val"],
+                                "ImageNet", "it cannot be downloaded by script: get ILSVRC-2012 from image-net.org "
+                                "as ImageFolder trees and point --data-dir, PESF_IMAGENET or PESF_DATA/imagenet at "
+                                "the folder that holds train/ and val/")
         train_set = image_folder(root / "train", True, cfg.image_size, cfg.decode)
         val_set = image_folder(root / "val", False, cfg.image_size, cfg.decode)
         num_classes, train_labels = len(train_set.dataset.classes), torch.tensor(train_set.dataset.targets)
@@ -320,7 +345,8 @@ def parse_args(argv=None) -> tuple[ImagenetConfig, argparse.Namespace]:
         ("teacher", str, f"teacher architecture (default resnet50): {', '.join(IMAGENET_MODELS)}"),
         ("student", str, "student architecture (default resnet18), one of the teacher's list"),
         ("teacher-ckpt", str, "the teacher's weights (default: torchvision's teacher_weights IMAGENET1K_V1)"),
-        ("data-dir", str, "ImageFolder tree with train/ and val/ (default $PESF_IMAGENET or ./data/imagenet)"),
+        ("data-dir", str, "folder with train/ and val/ ImageFolder trees (default: the first of $PESF_IMAGENET, "
+                             "$PESF_DATA/imagenet, ./data/imagenet, ../shared/data/imagenet that holds them)"),
         ("out", str, "run folder (default runs/imagenet/<method>_<teacher>_<student>_s<seed>)"),
         ("epochs", int, "training epochs (default 100)"),
         ("batch-size", int, "global batch size, split across processes (default 256)"),

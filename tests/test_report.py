@@ -169,7 +169,9 @@ def test_csvs_hold_independent_numbers(runs, made):
             for ln in (runs / f"kd_tau4.0_s{s}" / "metrics.jsonl").read_text().splitlines()]
     curve = read_csv(made / "curves_cifar100_resnet8_resnet8_kd.csv")
     for epoch in (1, 2):
-        for panel, series, key in (("top-1", "student", "top1"), ("train loss", "kl", "train_kl"), ("KL", "KL", "kl")):
+        for panel, series, key in (("top-1 on the test set", "student", "top1"),
+                                   ("training loss, per term as summed into it", "kl (weighted)", "train_kl"),
+                                   ("KL(teacher || student), tau 1", "KL", "kl")):
             want = [r[key] for r in rows if r["epoch"] == epoch]
             got = next(r for r in curve if (r["panel"], r["series"], r["x"]) == (panel, series, str(epoch)))
             assert float(got["y"]) == pytest.approx(np.mean(want))

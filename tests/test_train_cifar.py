@@ -1,5 +1,6 @@
 """train_cifar.py end to end on CPU: data, every method, teacher updates, resume, errors, DDP."""
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -217,6 +218,14 @@ def test_quickstart_cpu_mode_reduced(fake_cifar, tmp_path, capsys):
     assert f"report: {tmp_path / 'qs' / 'report' / 'tables.md'}" in out.splitlines()[-1]
     assert "| pesf |" in (tmp_path / "qs" / "report" / "tables.md").read_text()
     assert (tmp_path / "qs" / "report" / "fig3_sharpness_gap_cifar100_resnet14_resnet8.png").is_file()
+    # No per-run wall time in its table: the students' step times come from one side-by-side benchmark.
+    assert "| run | top-1 | teacher top-1 | gap | KL | agreement |" in out and "batch ms" not in out
+    bench = json.loads((tmp_path / "qs" / "benchmark" / "benchmark_side_by_side.json").read_text())
+    assert [r["run"] for r in bench["rows"]] == ["resnet8 ce", "resnet8 kd", "resnet8 pesf"]
+    assert bench["reference"] == "resnet8 kd" and bench["rows"][0]["steps"] == 20
+    # It evaluates every epoch: one point per epoch in the curves.
+    metrics = [json.loads(line) for line in (tmp_path / "qs" / "kd" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in metrics if "top1" in m] == [1, 2, 3, 4]
 
 
 def test_ddp_two_processes_match_one(fake_cifar, teacher_ckpt, tmp_path):

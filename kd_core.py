@@ -66,14 +66,6 @@ def _check_tau(tau: float) -> None:
         raise ValueError(f"tau must be a finite number > 0, got {tau!r}")
 
 
-def _skip_value_checks() -> bool:
-    # Checking label values reads them on the host; that is impossible while a CUDA graph is
-    # being captured and would break a torch.compile graph, so those callers get shape checks only.
-    if torch.compiler.is_compiling():
-        return True
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-
-
 def _check_labels(labels: torch.Tensor, n: int, k: int, ignore_index: int, logits_shape) -> None:
     if not isinstance(labels, torch.Tensor) or labels.dtype not in (torch.int64, torch.int32, torch.int16,
                                                                     torch.int8, torch.uint8):
@@ -82,13 +74,19 @@ def _check_labels(labels: torch.Tensor, n: int, k: int, ignore_index: int, logit
     if labels.dim() != 1 or labels.shape[0] != n:
         raise ValueError(f"labels must have shape [{n}] to match logits {tuple(logits_shape)}, "
                          f"got {tuple(labels.shape)}")
-    if _skip_value_checks() or labels.numel() == 0:
+    # torch.compile traces no assert; meta tensors (kernels/aot_check.py) hold no values.
+    if torch.compiler.is_compiling() or labels.device.type == "meta" or labels.numel() == 0:
         return
+    # The range check never reads the labels on the host (no sync in the hot path, capturable in a
+    # CUDA graph): a device-side assert, which on CPU raises at once and is turned into a ValueError.
     bad = ((labels < 0) | (labels >= k)) & (labels != ignore_index)
-    if bool(bad.any()):
+    message = f"labels must lie in [0, {k}) or equal ignore_index={ignore_index} (logits shape {tuple(logits_shape)})"
+    try:
+        torch._assert_async(~bad.any(), message)
+    except RuntimeError:
         first = labels[bad][0].item()
         raise ValueError(f"labels must lie in [0, {k}) or equal ignore_index={ignore_index}; "
-                         f"found {first} (logits shape {tuple(logits_shape)})")
+                         f"found {first} (logits shape {tuple(logits_shape)})") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -108,6 +106,10 @@ def label_adjust(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int =
     """
     _check_logits("logits", logits)
     _check_labels(labels, logits.shape[0], logits.shape[1], ignore_index, logits.shape)
+    return _label_adjust(logits, labels, ignore_index)
+
+
+def _label_adjust(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
     labels = labels.long()
     top = logits.argmax(dim=1)
     # Ignored rows "swap" the argmax with itself, which is the identity.
@@ -212,8 +214,8 @@ def _distill_terms_torch(s: torch.Tensor, t: torch.Tensor, labels: torch.Tensor,
     valid = labels != ignore_index
     safe = torch.where(valid, labels, torch.zeros_like(labels))[:, None]
 
-    t_target = label_adjust(t32, labels, ignore_index) if adjust else t32
-    s_target = label_adjust(s32, labels, ignore_index) if adjust else s32
+    t_target = _label_adjust(t32, labels, ignore_index) if adjust else t32
+    s_target = _label_adjust(s32, labels, ignore_index) if adjust else s32
     if detach_targets:
         t_target, s_target = t_target.detach(), s_target.detach()
     kl_ts = kl_div(t_target, s32, tau, reduction="none")
@@ -575,6 +577,18 @@ def _define_triton_kernels():
                   WRITE_DS, WRITE_DT, OFF64)
 
     @triton.jit
+    def _kd_rescale_kernel(x_ptr, numel, g_ptr, applied_ptr, BLOCK: tl.constexpr):
+        # x *= g / applied, in place, read on the device: when the incoming gradient equals the scale
+        # already applied (1 for a plain loss.backward()), every program returns after two loads.
+        g = tl.load(g_ptr).to(tl.float32)
+        applied = tl.load(applied_ptr)
+        if g != applied:
+            offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+            mask = offs < numel
+            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            tl.store(x_ptr + offs, (x * (g / applied)).to(x_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
     def _kd_offsets_probe_kernel(out_ptr, rows_ptr, stride, OFF64: tl.constexpr):
         # Test hook: exposes the row-offset arithmetic of the kernels (int32 vs int64 path).
         r = tl.load(rows_ptr + tl.arange(0, 4))
@@ -585,7 +599,7 @@ def _define_triton_kernels():
     kernels = {k: v for k, v in locals().items() if k.startswith("_kd_")}
     globals().update(kernels)
     globals().update(tl=tl)
-    return {"fwd": _kd_fwd_kernel, "merge": _kd_merge_kernel, "bwd": _kd_bwd_kernel,
+    return {"fwd": _kd_fwd_kernel, "merge": _kd_merge_kernel, "bwd": _kd_bwd_kernel, "rescale": _kd_rescale_kernel,
             "offsets_probe": _kd_offsets_probe_kernel, "triton": triton, "interpret": _interpreting()}
 
 
@@ -874,17 +888,34 @@ def _distill_terms_triton(s, t, labels, tau, adjust, ignore_index, reduction, de
 # ---- gradient-in-forward mode -------------------------------------------------------------------
 # The loss weights are known before the forward, so the forward kernel writes ds and dt (into new
 # buffers, never into s, t or anything autograd saved) and the backward only scales them by the
-# incoming gradient: when that gradient is exactly 1 (eager, plain loss.backward()) it returns the
-# buffers as they are, otherwise a scaled copy (retain_graph-safe: the saved buffers never change).
+# incoming gradient, without reading it on the host: the rescale kernel compares it with the scale
+# already applied on the device and touches the buffers only when they differ (a plain
+# loss.backward() passes 1: no pass over the gradients). Under torch.compile, distill_loss uses the
+# two-kernel path instead, whose backward kernel takes the incoming gradient as an input.
+_WEIGHT_TENSORS: dict = {}
+
+
+def _weight_tensor(weights: list[float], device: torch.device) -> torch.Tensor:
+    """The [7] fp32 weight vector on ``device``, made once per distinct weights (no host-to-device copy
+    per call: each entry is a device fill, so it can also be made while a CUDA graph is captured)."""
+    key = (tuple(weights), str(device))
+    if key not in _WEIGHT_TENSORS:
+        if len(_WEIGHT_TENSORS) >= 64:   # a schedule that changes weights every step: keep it bounded
+            _WEIGHT_TENSORS.clear()
+        w = torch.empty(len(weights), dtype=torch.float32, device=device)
+        for i, value in enumerate(weights):
+            w[i].fill_(value)
+        _WEIGHT_TENSORS[key] = w
+    return _WEIGHT_TENSORS[key]
+
+
 @torch.library.custom_op("pesf_kd::distill_loss_fused", mutates_args=())
 def _op_distill_loss(s: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, weights: list[float], tau: float,
                      adjust: bool, ignore_index: int, detach_targets: bool, reduction: str, need_ds: bool,
                      need_dt: bool, strict: bool = True
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    w = torch.tensor(weights, dtype=torch.float32, device=s.device)
-    scale = (1.0 / _count_valid(labels, ignore_index).float()) if reduction == "mean" else \
-        torch.ones((), dtype=torch.float32, device=s.device)
-    g = (w * scale).contiguous()
+    w = _weight_tensor(weights, s.device)
+    g = w / _count_valid(labels, ignore_index).float() if reduction == "mean" else w
     fused = _try_kernel(strict, lambda: _launch_fwd(s, t, labels, tau, adjust, ignore_index,
                                                     grad=(g, detach_targets, need_ds, need_dt))) \
         if _kernel_runs_on(s, strict) else None
@@ -913,17 +944,27 @@ def _distill_loss_setup(ctx, inputs, output):
     # Held as attributes (not save_for_backward) so that autograd never "steals" the buffer into a
     # .grad that a later in-place op (zero_grad) could modify while the graph is retained.
     ctx.ds, ctx.dt = ds, dt
+    # The scale the buffers hold now (a retained graph's second backward rescales from it).
+    ctx.applied = torch.ones((), dtype=torch.float32, device=ds.device)
+
+
+def _rescale_(x: torch.Tensor, g_loss: torch.Tensor, applied: torch.Tensor) -> None:
+    if _kernel_runs_on(x):
+        block = 4096
+        _triton_kernels()["rescale"][(-(-x.numel() // block),)](x, x.numel(), g_loss, applied, BLOCK=block)
+    else:  # the torch fallback of a failed kernel: no kernel to scale in
+        x.mul_((g_loss.float() / applied).to(x.dtype))
 
 
 def _distill_loss_backward(ctx, g_loss, g_rows, g_ds, g_dt):
-    ds, dt = ctx.ds, ctx.dt
-    need_ds, need_dt = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    plain = not torch.compiler.is_compiling() and not (
-        g_loss.is_cuda and torch.cuda.is_current_stream_capturing())
-    if not (plain and bool(g_loss == 1)):
-        ds = ds * g_loss.to(ds.dtype) if need_ds and ds.numel() else ds
-        dt = dt * g_loss.to(dt.dtype) if need_dt and dt.numel() else dt
-    return ((ds if need_ds and ds.numel() else None), (dt if need_dt and dt.numel() else None),
+    need_ds = ctx.needs_input_grad[0] and ctx.ds.numel() > 0
+    need_dt = ctx.needs_input_grad[1] and ctx.dt.numel() > 0
+    g_loss = g_loss.float().contiguous()
+    for x, needed in ((ctx.ds, need_ds), (ctx.dt, need_dt)):
+        if needed:
+            _rescale_(x, g_loss, ctx.applied)
+    ctx.applied.copy_(g_loss)
+    return ((ctx.ds if need_ds else None), (ctx.dt if need_dt else None),
             None, None, None, None, None, None, None, None, None, None)
 
 
@@ -954,9 +995,13 @@ def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, lab
     if unknown:
         raise ValueError(f"weights keys must be among {_FIELDS}, got {sorted(unknown)}")
     w = [float(weights.get(f, 0.0)) for f in _FIELDS]
-    if not (backend == "triton" or (backend == "auto" and _auto_uses_kernel(student_logits))):
-        terms = _distill_terms_torch(student_logits, teacher_logits, labels, float(tau), adjust, ignore_index,
-                                     reduction, detach_targets)
+    use_kernel = backend == "triton" or (backend == "auto" and _auto_uses_kernel(student_logits))
+    if not use_kernel or torch.compiler.is_compiling():
+        # torch.compile: the two-kernel path (its backward kernel takes the incoming gradient as input).
+        terms = _distill_terms_triton(student_logits, teacher_logits, labels, float(tau), adjust, ignore_index,
+                                      reduction, detach_targets, strict=backend == "triton") if use_kernel else \
+            _distill_terms_torch(student_logits, teacher_logits, labels, float(tau), adjust, ignore_index,
+                                 reduction, detach_targets)
         loss = sum(wf * x for wf, x in zip(w, terms) if wf != 0.0)
         if not isinstance(loss, torch.Tensor):
             loss = torch.zeros((), dtype=torch.float32, device=student_logits.device)

@@ -34,6 +34,7 @@ __all__ = [
 ]
 
 IGNORE_INDEX = -100
+_FIELDS = ("kl_ts", "kl_st", "ce_s", "ce_t", "lse_s", "lse_t", "gap")   # DistillTerms' fields
 
 
 # ----------------------------------------------------------------------------------------------
@@ -142,10 +143,34 @@ def kl_div(target_logits: torch.Tensor, learner_logits: torch.Tensor, tau: float
     """
     _check_pair("target_logits", target_logits, "learner_logits", learner_logits)
     _check_tau(tau)
-    log_q = F.log_softmax(_math(target_logits) / tau, dim=1)
-    log_p = F.log_softmax(_math(learner_logits) / tau, dim=1)
-    per_row = (log_q.exp() * (log_q - log_p)).sum(dim=1) * (tau * tau)
+    per_row = _divergence_rows(_math(target_logits), _math(learner_logits), tau, "forward", 0.5)
     return _reduce(per_row, reduction, per_row.shape[0], "batchmean")
+
+
+def _forward_kl(log_q: torch.Tensor, log_p: torch.Tensor, beta: float) -> torch.Tensor:
+    return (log_q.exp() * (log_q - log_p)).sum(dim=-1)
+
+
+def _reverse_kl(log_q: torch.Tensor, log_p: torch.Tensor, beta: float) -> torch.Tensor:
+    return (log_p.exp() * (log_p - log_q)).sum(dim=-1)
+
+
+def _generalised_jsd(log_q: torch.Tensor, log_p: torch.Tensor, beta: float) -> torch.Tensor:
+    # GKD (Agarwal et al. 2024): beta KL(q || m) + (1 - beta) KL(p || m), m = beta q + (1 - beta) p.
+    log_m = torch.logaddexp(log_q + math.log(beta), log_p + math.log1p(-beta))
+    return beta * _forward_kl(log_q, log_m, beta) + (1.0 - beta) * _forward_kl(log_p, log_m, beta)
+
+
+# divergence(q = target, p = learner): "forward" KL(q || p) (Hinton), "reverse" KL(p || q), "jsd".
+_DIVERGENCES = {"forward": _forward_kl, "reverse": _reverse_kl, "jsd": _generalised_jsd}
+
+
+def _divergence_rows(target: torch.Tensor, learner: torch.Tensor, tau: float, divergence: str,
+                     beta: float) -> torch.Tensor:
+    """``tau^2 D(p^tau(target), p^tau(learner))`` per row (last dimension = classes)."""
+    log_q = F.log_softmax(target / tau, dim=-1)
+    log_p = F.log_softmax(learner / tau, dim=-1)
+    return _DIVERGENCES[divergence](log_q, log_p, beta) * (tau * tau)
 
 
 def _reduce(per_row: torch.Tensor, reduction: str, count, mean_name: str) -> torch.Tensor:
@@ -164,8 +189,10 @@ def _reduce(per_row: torch.Tensor, reduction: str, count, mean_name: str) -> tor
 class DistillTerms(NamedTuple):
     """The logit-level terms of one teacher/student batch (scalars, or per row with reduction="none").
 
-    kl_ts: tau^2 KL(p^tau(adj(t)) || p^tau(s)), target = label-adjusted teacher, learner = student
-    kl_st: tau^2 KL(p^tau(adj(s)) || p^tau(t)), target = label-adjusted student, learner = teacher
+    kl_ts: tau^2 D(p^tau(adj(t)), p^tau(s)), target = (label-adjusted) teacher, learner = student
+    kl_st: tau^2 D(p^tau(adj(s)), p^tau(t)), target = (label-adjusted) student, learner = teacher
+    (D = KL(target || learner) for divergence="forward", KL(learner || target) for "reverse", the
+    generalised JSD of GKD for "jsd")
     ce_s, ce_t: cross-entropy of the raw (tau = 1) student / teacher logits with the labels
     lse_s, lse_t: sharpness logsumexp(s), logsumexp(t) at tau = 1
     gap: lse_t - lse_s
@@ -179,54 +206,119 @@ class DistillTerms(NamedTuple):
     gap: torch.Tensor
 
 
-def distill_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
-                  tau: float = 4.0, adjust: bool = True, ignore_index: int = IGNORE_INDEX,
-                  reduction: str = "mean", backend: str = "auto",
-                  detach_targets: bool = False) -> DistillTerms:
+class _Batch(NamedTuple):
+    """Checked inputs of distill_terms / distill_loss as rows: [N, K] logits and [N] labels."""
+    s: torch.Tensor
+    t: torch.Tensor
+    labels: torch.Tensor      # ignore_index where the row does not count (label or mask)
+    lead_shape: tuple         # [N] or [B, S]: the shape of per-row results
+    has_labels: bool
+
+
+def _check_divergence(divergence: str, beta: float) -> None:
+    if divergence not in _DIVERGENCES:
+        raise ValueError(f"divergence must be one of {sorted(_DIVERGENCES)}, got {divergence!r}")
+    if divergence == "jsd" and not (isinstance(beta, (int, float)) and 0.0 < beta < 1.0):
+        raise ValueError(f"beta must lie in (0, 1) for divergence='jsd', got {beta!r}")
+
+
+def _batch(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None,
+           mask: torch.Tensor | None, ignore_index: int, adjust: bool, tau: float) -> _Batch:
+    """Checks the inputs and flattens [B, S, V] logits (and [B, S] labels / mask) into rows."""
+    _check_pair("student_logits", student_logits, "teacher_logits", teacher_logits)
+    _check_tau(tau)
+    lead = tuple(student_logits.shape[:-1])
+    s = student_logits.reshape(-1, student_logits.shape[-1])
+    t = teacher_logits.reshape(-1, teacher_logits.shape[-1])
+    n, k = s.shape
+    if labels is None:
+        if adjust:
+            raise ValueError("adjust=True needs labels (label adjustment swaps in the label's logit)")
+        labels = torch.zeros(lead, dtype=torch.int64, device=s.device)
+    elif not isinstance(labels, torch.Tensor) or tuple(labels.shape) != lead:
+        raise ValueError(f"labels must have shape {list(lead)} to match logits {tuple(student_logits.shape)}, "
+                         f"got {tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__}")
+    flat = labels.reshape(-1)
+    _check_labels(flat, n, k, ignore_index, tuple(student_logits.shape))
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != lead:
+            raise ValueError(f"mask must be a bool tensor of shape {list(lead)}, got "
+                             f"{(mask.dtype, tuple(mask.shape)) if isinstance(mask, torch.Tensor) else mask!r}")
+        flat = torch.where(mask.reshape(-1), flat.long(), ignore_index)
+    return _Batch(s, t, flat, lead, has_labels=labels is not None)
+
+
+def distill_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None = None,
+                  tau: float = 4.0, adjust: bool = False, ignore_index: int = IGNORE_INDEX,
+                  reduction: str = "mean", backend: str = "auto", detach_targets: bool = False, *,
+                  mask: torch.Tensor | None = None, divergence: str = "forward",
+                  beta: float = 0.5) -> DistillTerms:
     """All logit-level terms of SPEC sec. 1 in one call; every method of SPEC sec. 2 is a weighted sum.
 
-    Rows with ``labels == ignore_index`` contribute nothing: their per-row values and gradients are
-    zero and ``reduction="mean"`` divides by the number of other rows (0 when there are none).
+    Logits are ``[N, K]`` or ``[B, S, K]`` (labels ``[N]`` / ``[B, S]``, per-row results in that
+    shape). Rows with ``labels == ignore_index`` (or ``mask`` False) contribute nothing: their
+    per-row values and gradients are zero and ``reduction="mean"`` divides by the number of other
+    rows (0 when there are none). Without ``labels`` (pure distillation) ``ce_s``/``ce_t`` are 0.
     ``adjust`` applies label adjustment to each KL term's target. With ``detach_targets`` the KL
     terms send gradients to their learner only (``kl_ts`` to the student, ``kl_st`` to the teacher),
-    as DML and PESF-KD need; otherwise both sides receive gradients (FT-KD). ``backend``:
+    as DML and PESF-KD need; otherwise both sides receive gradients (FT-KD). ``divergence``:
+    ``"forward"`` (KL(target || learner)), ``"reverse"`` or ``"jsd"`` (with ``beta``); the fused
+    kernel implements ``"forward"``, the others always take the PyTorch path. ``backend``:
     ``"torch"``, ``"triton"`` (CUDA tensors) or ``"auto"`` (Triton for CUDA tensors when it imports).
     """
-    _check_pair("student_logits", student_logits, "teacher_logits", teacher_logits)
-    _check_labels(labels, student_logits.shape[0], student_logits.shape[1], ignore_index, student_logits.shape)
-    _check_tau(tau)
+    batch = _batch(student_logits, teacher_logits, labels, mask, ignore_index, adjust, tau)
+    _check_divergence(divergence, beta)
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
-    if backend == "triton" or (backend == "auto" and _auto_uses_kernel(student_logits)):
-        return _distill_terms_triton(student_logits, teacher_logits, labels, float(tau), adjust,
-                                     ignore_index, reduction, detach_targets, strict=backend == "triton")
-    return _distill_terms_torch(student_logits, teacher_logits, labels, float(tau), adjust,
-                                ignore_index, reduction, detach_targets)
+    if divergence == "forward" and (backend == "triton" or (backend == "auto" and _auto_uses_kernel(batch.s))):
+        terms = _distill_terms_triton(batch.s, batch.t, batch.labels, float(tau), adjust, ignore_index,
+                                      reduction, detach_targets, strict=backend == "triton")
+    else:
+        terms = _distill_terms_torch(batch.s, batch.t, batch.labels, float(tau), adjust, ignore_index,
+                                     reduction, detach_targets, divergence, beta)
+    return _shape_terms(terms, batch, reduction)
+
+
+def _shape_terms(terms: DistillTerms, batch: _Batch, reduction: str) -> DistillTerms:
+    """Per-row results back in the logits' leading shape; no cross-entropy without labels."""
+    rows = list(terms)
+    if not batch.has_labels:
+        rows[2] = rows[2] * 0.0
+        rows[3] = rows[3] * 0.0
+    if reduction == "none":
+        rows = [x.reshape(batch.lead_shape) for x in rows]
+    return DistillTerms(*rows)
 
 
 def _distill_terms_torch(s: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, tau: float, adjust: bool,
-                         ignore_index: int, reduction: str, detach_targets: bool) -> DistillTerms:
-    """The PyTorch reference path: same semantics as the kernel, eager ops, fp32 math."""
+                         ignore_index: int, reduction: str, detach_targets: bool, divergence: str = "forward",
+                         beta: float = 0.5, needed: frozenset = frozenset(_FIELDS)) -> DistillTerms:
+    """The PyTorch reference path: same semantics as the kernel, eager ops, fp32 math.
+
+    Only the ``needed`` fields are computed (the others are NaN): a KL-only loss then holds no
+    cross-entropy temporaries of the size of the logits."""
     s32, t32 = _math(s), _math(t)
     labels = labels.long()
     valid = labels != ignore_index
     safe = torch.where(valid, labels, torch.zeros_like(labels))[:, None]
+    nan = torch.full((s.shape[0],), float("nan"), dtype=s32.dtype, device=s.device)
+    kl_ts = kl_st = ce_s = ce_t = lse_s = lse_t = nan
+    if "kl_ts" in needed:
+        t_target = _label_adjust(t32, labels, ignore_index) if adjust else t32
+        kl_ts = _divergence_rows(t_target.detach() if detach_targets else t_target, s32, tau, divergence, beta)
+    if "kl_st" in needed:
+        s_target = _label_adjust(s32, labels, ignore_index) if adjust else s32
+        kl_st = _divergence_rows(s_target.detach() if detach_targets else s_target, t32, tau, divergence, beta)
+    if needed & {"ce_s", "lse_s", "gap"}:
+        lse_s = torch.logsumexp(s32, dim=1)
+        ce_s = lse_s - s32.gather(1, safe).squeeze(1)
+    if needed & {"ce_t", "lse_t", "gap"}:
+        lse_t = torch.logsumexp(t32, dim=1)
+        ce_t = lse_t - t32.gather(1, safe).squeeze(1)
 
-    t_target = _label_adjust(t32, labels, ignore_index) if adjust else t32
-    s_target = _label_adjust(s32, labels, ignore_index) if adjust else s32
-    if detach_targets:
-        t_target, s_target = t_target.detach(), s_target.detach()
-    kl_ts = kl_div(t_target, s32, tau, reduction="none")
-    kl_st = kl_div(s_target, t32, tau, reduction="none")
-
-    lse_s = torch.logsumexp(s32, dim=1)
-    lse_t = torch.logsumexp(t32, dim=1)
-    ce_s = lse_s - s32.gather(1, safe).squeeze(1)
-    ce_t = lse_t - t32.gather(1, safe).squeeze(1)
-
-    zero = torch.zeros((), dtype=torch.float32, device=s.device)
+    zero = torch.zeros((), dtype=s32.dtype, device=s.device)
     rows = [torch.where(valid, x, zero) for x in (kl_ts, kl_st, ce_s, ce_t, lse_s, lse_t)]
     rows.append(rows[5] - rows[4])
     if reduction != "none":
@@ -262,7 +354,6 @@ def _distill_terms_torch(s: torch.Tensor, t: torch.Tensor, labels: torch.Tensor,
 #   index remap using the six per-row scalars s_y, t_y, s_jt, t_jt, s_js, t_js.)
 #   Ignored rows are masked out of every load, so they give exact zeros even when they hold NaN.
 # ----------------------------------------------------------------------------------------------
-_FIELDS = DistillTerms._fields            # kl_ts, kl_st, ce_s, ce_t, lse_s, lse_t, gap
 _N_STATS = 8                              # LS, LT, lse_s, lse_t, D_ts, D_st, jt, js
 _N_PART = 10                              # split-K partials: (m, Z1, Zt, W, arg) for s and for t
 
@@ -971,22 +1062,23 @@ def _distill_loss_backward(ctx, g_loss, g_rows, g_ds, g_dt):
 _op_distill_loss.register_autograd(_distill_loss_backward, setup_context=_distill_loss_setup)
 
 
-def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, tau: float,
-                 weights: dict[str, float], adjust: bool = True, detach_targets: bool = False,
-                 ignore_index: int = IGNORE_INDEX, backend: str = "auto",
-                 reduction: str = "mean") -> tuple[torch.Tensor, DistillTerms]:
+def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None,
+                 tau: float, weights: dict[str, float], adjust: bool = False, detach_targets: bool = False,
+                 ignore_index: int = IGNORE_INDEX, backend: str = "auto", reduction: str = "mean", *,
+                 mask: torch.Tensor | None = None, divergence: str = "forward",
+                 beta: float = 0.5) -> tuple[torch.Tensor, DistillTerms]:
     """Weighted loss ``sum_f weights[f] * distill_terms(...).f`` and the terms (detached, for logging).
 
     ``weights``: keys among ``DistillTerms._fields`` (usually kl_ts, kl_st, ce_s, ce_t), missing = 0.
     With the Triton backend this is the gradient-in-forward mode: the forward also writes both
     gradients (four passes over the logits instead of six) into fresh buffers, and the backward only
     scales them by the incoming gradient. With ``backend="torch"`` the same loss is built from the
-    reference path, so training code can call this function on any device. ``reduction``: "mean"
-    over the non-ignored rows (default) or "sum".
+    reference path, computing only the weighted terms (the others are reported as NaN), so training
+    code can call this function on any device. ``reduction``: "mean" over the non-ignored rows
+    (default) or "sum". Logits, ``labels``, ``mask``, ``divergence`` and ``beta`` as in ``distill_terms``.
     """
-    _check_pair("student_logits", student_logits, "teacher_logits", teacher_logits)
-    _check_labels(labels, student_logits.shape[0], student_logits.shape[1], ignore_index, student_logits.shape)
-    _check_tau(tau)
+    batch = _batch(student_logits, teacher_logits, labels, mask, ignore_index, adjust, tau)
+    _check_divergence(divergence, beta)
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     if backend not in ("auto", "torch", "triton"):
@@ -994,30 +1086,33 @@ def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, lab
     unknown = set(weights) - set(_FIELDS)
     if unknown:
         raise ValueError(f"weights keys must be among {_FIELDS}, got {sorted(unknown)}")
+    if not batch.has_labels and any(weights.get(f, 0.0) for f in ("ce_s", "ce_t")):
+        raise ValueError("weights on ce_s / ce_t need labels")
     w = [float(weights.get(f, 0.0)) for f in _FIELDS]
-    use_kernel = backend == "triton" or (backend == "auto" and _auto_uses_kernel(student_logits))
+    s, t, y = batch.s, batch.t, batch.labels
+    use_kernel = divergence == "forward" and (backend == "triton" or (backend == "auto" and _auto_uses_kernel(s)))
     if not use_kernel or torch.compiler.is_compiling():
         # torch.compile: the two-kernel path (its backward kernel takes the incoming gradient as input).
-        terms = _distill_terms_triton(student_logits, teacher_logits, labels, float(tau), adjust, ignore_index,
-                                      reduction, detach_targets, strict=backend == "triton") if use_kernel else \
-            _distill_terms_torch(student_logits, teacher_logits, labels, float(tau), adjust, ignore_index,
-                                 reduction, detach_targets)
+        terms = _distill_terms_triton(s, t, y, float(tau), adjust, ignore_index, reduction, detach_targets,
+                                      strict=backend == "triton") if use_kernel else \
+            _distill_terms_torch(s, t, y, float(tau), adjust, ignore_index, reduction, detach_targets, divergence,
+                                 beta, needed=frozenset(f for f, wf in zip(_FIELDS, w) if wf != 0.0))
         loss = sum(wf * x for wf, x in zip(w, terms) if wf != 0.0)
         if not isinstance(loss, torch.Tensor):
-            loss = torch.zeros((), dtype=torch.float32, device=student_logits.device)
-        return loss, DistillTerms(*(x.detach() for x in terms))
-    if not triton_available() or not (student_logits.is_cuda or _triton_interpreted()):
+            loss = torch.zeros((), dtype=torch.float32, device=s.device)
+        return loss, _shape_terms(DistillTerms(*(x.detach() for x in terms)), batch, reduction)
+    if not triton_available() or not (s.is_cuda or _triton_interpreted()):
         raise RuntimeError("backend='triton' needs triton and CUDA tensors (or TRITON_INTERPRET=1); "
                            "use backend='torch' or 'auto'")
-    need_ds = student_logits.requires_grad and torch.is_grad_enabled()
-    need_dt = teacher_logits.requires_grad and torch.is_grad_enabled()
+    need_ds = s.requires_grad and torch.is_grad_enabled()
+    need_dt = t.requires_grad and torch.is_grad_enabled()
     loss, rows, _, _ = torch.ops.pesf_kd.distill_loss_fused(
-        student_logits, teacher_logits, labels, w, float(tau), adjust, ignore_index, detach_targets, reduction,
-        need_ds, need_dt, backend == "triton")
+        s, t, y, w, float(tau), adjust, ignore_index, detach_targets, reduction, need_ds, need_dt,
+        backend == "triton")
     red = rows.sum(dim=1)
     if reduction == "mean":
-        red = red / _count_valid(labels, ignore_index)
-    return loss, DistillTerms(*red.detach().unbind(0))
+        red = red / _count_valid(y, ignore_index)
+    return loss, _shape_terms(DistillTerms(*red.detach().unbind(0)), batch, reduction)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -295,7 +295,7 @@ def test_distill_terms_all_rows_ignored(reduction: str) -> None:
 def test_distill_terms_custom_ignore_index() -> None:
     s, t, y = make_case(5, 4, seed=5)
     y[-1] = 7  # out of [0, K) but equal to ignore_index
-    out = distill_terms(torch.from_numpy(s), torch.from_numpy(t), torch.from_numpy(y), 2.0, ignore_index=7,
+    out = distill_terms(torch.from_numpy(s), torch.from_numpy(t), torch.from_numpy(y), 2.0, adjust=True, ignore_index=7,
                         reduction="none")
     y[-1] = IGNORE
     vals, _ = ref_distill(s, t, y, 2.0, True, False)

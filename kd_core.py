@@ -30,7 +30,7 @@ import torch.nn.functional as F
 __all__ = [
     "DistillTerms", "distill_terms", "kl_div", "label_adjust", "sharpness", "sharpness_gap",
     "agreement", "probability_loyalty", "linear_cka", "ConsistencyMeter",
-    "Adapter", "LoRALinear", "ParallelAdapter", "triton_available", "distill_loss",
+    "Adapter", "LoRALinear", "ParallelAdapter", "triton_available", "distill_loss", "distill_linear",
 ]
 
 IGNORE_INDEX = -100
@@ -41,20 +41,22 @@ _FIELDS = ("kl_ts", "kl_st", "ce_s", "ce_t", "lse_s", "lse_t", "gap")   # Distil
 # Input checks: bad input is a ValueError naming the argument and the shapes, never a device-side
 # assert or a silent broadcast.
 # ----------------------------------------------------------------------------------------------
-def _check_logits(name: str, x: torch.Tensor) -> None:
+def _check_logits(name: str, x: torch.Tensor, token_dims: bool = False) -> None:
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
         raise ValueError(f"{name} must be floating point (fp32/bf16/fp16/fp64), got {x.dtype}")
-    if x.dim() != 2:
+    if token_dims and x.dim() not in (2, 3):
+        raise ValueError(f"{name} must be [N, K] or [B, S, K], got shape {tuple(x.shape)}")
+    if not token_dims and x.dim() != 2:
         raise ValueError(f"{name} must be 2-D [N, K], got shape {tuple(x.shape)}")
-    if x.shape[1] < 1:
+    if x.shape[-1] < 1:
         raise ValueError(f"{name} must have at least one class, got shape {tuple(x.shape)}")
 
 
-def _check_pair(a_name: str, a: torch.Tensor, b_name: str, b: torch.Tensor) -> None:
-    _check_logits(a_name, a)
-    _check_logits(b_name, b)
+def _check_pair(a_name: str, a: torch.Tensor, b_name: str, b: torch.Tensor, token_dims: bool = False) -> None:
+    _check_logits(a_name, a, token_dims)
+    _check_logits(b_name, b, token_dims)
     if a.shape != b.shape:
         raise ValueError(f"{a_name} and {b_name} must have the same shape, "
                          f"got {tuple(a.shape)} and {tuple(b.shape)}")
@@ -225,12 +227,13 @@ def _check_divergence(divergence: str, beta: float) -> None:
 def _batch(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None,
            mask: torch.Tensor | None, ignore_index: int, adjust: bool, tau: float) -> _Batch:
     """Checks the inputs and flattens [B, S, V] logits (and [B, S] labels / mask) into rows."""
-    _check_pair("student_logits", student_logits, "teacher_logits", teacher_logits)
+    _check_pair("student_logits", student_logits, "teacher_logits", teacher_logits, token_dims=True)
     _check_tau(tau)
     lead = tuple(student_logits.shape[:-1])
     s = student_logits.reshape(-1, student_logits.shape[-1])
     t = teacher_logits.reshape(-1, teacher_logits.shape[-1])
     n, k = s.shape
+    has_labels = labels is not None
     if labels is None:
         if adjust:
             raise ValueError("adjust=True needs labels (label adjustment swaps in the label's logit)")
@@ -245,7 +248,7 @@ def _batch(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: t
             raise ValueError(f"mask must be a bool tensor of shape {list(lead)}, got "
                              f"{(mask.dtype, tuple(mask.shape)) if isinstance(mask, torch.Tensor) else mask!r}")
         flat = torch.where(mask.reshape(-1), flat.long(), ignore_index)
-    return _Batch(s, t, flat, lead, has_labels=labels is not None)
+    return _Batch(s, t, flat, lead, has_labels)
 
 
 def distill_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None = None,
@@ -285,8 +288,7 @@ def _shape_terms(terms: DistillTerms, batch: _Batch, reduction: str) -> DistillT
     """Per-row results back in the logits' leading shape; no cross-entropy without labels."""
     rows = list(terms)
     if not batch.has_labels:
-        rows[2] = rows[2] * 0.0
-        rows[3] = rows[3] * 0.0
+        rows[2], rows[3] = torch.zeros_like(rows[2]), torch.zeros_like(rows[3])
     if reduction == "none":
         rows = [x.reshape(batch.lead_shape) for x in rows]
     return DistillTerms(*rows)
@@ -986,14 +988,14 @@ def _distill_terms_triton(s, t, labels, tau, adjust, ignore_index, reduction, de
 _WEIGHT_TENSORS: dict = {}
 
 
-def _weight_tensor(weights: list[float], device: torch.device) -> torch.Tensor:
-    """The [7] fp32 weight vector on ``device``, made once per distinct weights (no host-to-device copy
+def _weight_tensor(weights: list[float], device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The [7] weight vector on ``device``, made once per distinct weights (no host-to-device copy
     per call: each entry is a device fill, so it can also be made while a CUDA graph is captured)."""
-    key = (tuple(weights), str(device))
+    key = (tuple(weights), str(device), dtype)
     if key not in _WEIGHT_TENSORS:
         if len(_WEIGHT_TENSORS) >= 64:   # a schedule that changes weights every step: keep it bounded
             _WEIGHT_TENSORS.clear()
-        w = torch.empty(len(weights), dtype=torch.float32, device=device)
+        w = torch.empty(len(weights), dtype=dtype, device=device)
         for i, value in enumerate(weights):
             w[i].fill_(value)
         _WEIGHT_TENSORS[key] = w
@@ -1113,6 +1115,206 @@ def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, lab
     if reduction == "mean":
         red = red / _count_valid(y, ignore_index)
     return loss, _shape_terms(DistillTerms(*red.detach().unbind(0)), batch, reduction)
+
+
+# ----------------------------------------------------------------------------------------------
+# distill_linear: token-level KD at language-model scale, the [N, V] logits never materialised
+# ----------------------------------------------------------------------------------------------
+_LINEAR_TERMS = ("kl_ts", "ce_s", "kl_st", "ce_t")
+_STUDENT_TERMS = ("kl_ts", "ce_s")
+_TEACHER_TERMS = ("kl_st", "ce_t")
+# Bytes per logit element that one chunk holds at once: the torch path keeps ~12 fp32 [rows, V]
+# temporaries (both logits, log-softmaxes, probabilities, the swap, gradients); the kernel path the
+# two logit chunks and the two gradient chunks in the input dtype, and one fp32 gradient copy.
+_CHUNK_BYTES_TORCH = 48
+
+
+def _linear_chunk_rows(n: int, vocab: int, elem_size: int, kernel: bool, memory_budget: int) -> int:
+    per_row = vocab * (4 * elem_size + 4 if kernel else _CHUNK_BYTES_TORCH)
+    return max(1, min(n, memory_budget // per_row))
+
+
+def _check_linear(name: str, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    if not isinstance(hidden, torch.Tensor) or not hidden.is_floating_point() or hidden.dim() not in (2, 3):
+        raise ValueError(f"{name}_hidden must be a floating-point [N, H] or [B, S, H] tensor, got "
+                         f"{(hidden.dtype, tuple(hidden.shape)) if isinstance(hidden, torch.Tensor) else hidden!r}")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"{name}_weight must be [V, {hidden.shape[-1]}] (the LM head, hidden last), got "
+                         f"{tuple(weight.shape) if isinstance(weight, torch.Tensor) else weight!r}")
+    if weight.dtype != hidden.dtype or weight.device != hidden.device:
+        raise ValueError(f"{name}_weight must match {name}_hidden's dtype and device, got {weight.dtype} on "
+                         f"{weight.device} and {hidden.dtype} on {hidden.device}")
+    if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (weight.shape[0],)
+                             or bias.dtype != weight.dtype or bias.device != weight.device):
+        raise ValueError(f"{name}_bias must be a [{weight.shape[0]}] tensor of {name}_weight's dtype and device, got "
+                         f"{(bias.dtype, tuple(bias.shape)) if isinstance(bias, torch.Tensor) else bias!r}")
+
+
+class _LinearPlan(NamedTuple):
+    tau: float
+    weights: list          # per _FIELDS, 0 where absent
+    adjust: bool
+    divergence: str
+    beta: float
+    ignore_index: int
+    reduction: str
+    chunk: int
+    kernel: bool
+    strict: bool
+
+
+def _chunk_grads_torch(zs, zt, labels, g, plan: _LinearPlan, need_s: bool, need_t: bool):
+    """One chunk's per-row terms [7, C] and the gradients of sum(g * rows) w.r.t. its logits (fp32)."""
+    zs32 = _math(zs).detach().requires_grad_(need_s)
+    zt32 = _math(zt).detach().requires_grad_(need_t)
+    needed = frozenset(f for f, wf in zip(_FIELDS, plan.weights) if wf != 0.0)
+    with torch.enable_grad():
+        rows = torch.stack(list(_distill_terms_torch(
+            zs32, zt32, labels, plan.tau, plan.adjust, plan.ignore_index, "none", True, plan.divergence,
+            plan.beta, needed)))
+        rows = torch.where(g[:, None] != 0, rows, 0.0)   # unweighted terms are NaN (not computed)
+        inputs = [x for x in (zs32, zt32) if x.requires_grad]
+        grads = iter(torch.autograd.grad((rows * g[:, None]).sum(), inputs)) if inputs else iter(())
+    return rows.detach(), (next(grads) if need_s else None), (next(grads) if need_t else None)
+
+
+def _chunk_grads_kernel(zs, zt, labels, g, plan: _LinearPlan, need_s: bool, need_t: bool):
+    """The fused kernel in gradient-in-forward mode: the chunk's logits read once, gradients written once."""
+    out = _try_kernel(plan.strict, lambda: _launch_fwd(zs, zt, labels, plan.tau, plan.adjust, plan.ignore_index,
+                                                       grad=(g, True, need_s, need_t)))
+    if out is None:   # backend="auto" and the kernel failed: warned once, the torch math from now on
+        return _chunk_grads_torch(zs, zt, labels, g, plan, need_s, need_t)
+    rows, _, ds, dt = out
+    return rows, (ds if need_s else None), (dt if need_t else None)
+
+
+def _add_matmul_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` in ``acc``'s (fp32/fp64) precision, without a temporary of ``acc``'s size."""
+    acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+
+
+class _DistillLinear(torch.autograd.Function):
+    """Chunk by chunk: logits = h W^T (+ b), the terms and their logit gradients, then the hidden and
+    weight gradients; everything is computed in the forward (the weights of the loss are known) and
+    the backward only scales the saved [N, H] / [V, H] gradients by the incoming gradient."""
+
+    @staticmethod
+    def forward(ctx, hs, ws, bs, ht, wt, bt, labels, plan: _LinearPlan):
+        need = [ctx.needs_input_grad[i] for i in range(6)]
+        acc = torch.float64 if hs.dtype == torch.float64 else torch.float32
+        w = _weight_tensor(plan.weights, hs.device, acc)
+        g = w / _count_valid(labels, plan.ignore_index).to(acc) if plan.reduction == "mean" else w
+        need_s = any(need[:3]) and any(plan.weights[_FIELDS.index(f)] for f in _STUDENT_TERMS)
+        need_t = any(need[3:]) and any(plan.weights[_FIELDS.index(f)] for f in _TEACHER_TERMS)
+        grad_hs = torch.zeros_like(hs) if need[0] and need_s else None
+        grad_ht = torch.zeros_like(ht) if need[3] and need_t else None
+        grad_ws = torch.zeros(ws.shape, dtype=acc, device=ws.device) if need[1] and need_s else None
+        grad_wt = torch.zeros(wt.shape, dtype=acc, device=wt.device) if need[4] and need_t else None
+        grad_bs = torch.zeros(ws.shape[0], dtype=acc, device=ws.device) if bs is not None and need[2] and need_s else None
+        grad_bt = torch.zeros(wt.shape[0], dtype=acc, device=wt.device) if bt is not None and need[5] and need_t else None
+        loss = torch.zeros((), dtype=acc, device=hs.device)
+        chunk_grads = _chunk_grads_kernel if plan.kernel else _chunk_grads_torch
+        for start in range(0, hs.shape[0], plan.chunk):
+            rows_slice = slice(start, start + plan.chunk)
+            hs_c, ht_c, y_c = hs[rows_slice], ht[rows_slice], labels[rows_slice]
+            zs, zt = F.linear(hs_c, ws, bs), F.linear(ht_c, wt, bt)
+            rows, dzs, dzt = chunk_grads(zs, zt, y_c, g, plan, need_s, need_t)
+            loss = loss + (rows * g[:, None].to(rows.dtype)).sum()
+            for dz, h_c, wgt, grad_h, grad_w, grad_b in ((dzs, hs_c, ws, grad_hs, grad_ws, grad_bs),
+                                                         (dzt, ht_c, wt, grad_ht, grad_wt, grad_bt)):
+                if dz is None:
+                    continue
+                if grad_w is not None:
+                    _add_matmul_(grad_w, dz.t(), h_c)
+                dz = dz.to(h_c.dtype)
+                if grad_h is not None:
+                    grad_h[rows_slice] = dz @ wgt
+                if grad_b is not None:
+                    grad_b += dz.sum(dim=0, dtype=acc)
+        ctx.grads = [grad_hs, grad_ws, grad_bs, grad_ht, grad_wt, grad_bt]
+        ctx.dtypes = [hs.dtype, ws.dtype, None if bs is None else bs.dtype,
+                      ht.dtype, wt.dtype, None if bt is None else bt.dtype]
+        return loss
+
+    @staticmethod
+    def backward(ctx, g_loss):
+        out = [None if grad is None else (grad * g_loss).to(dtype) for grad, dtype in zip(ctx.grads, ctx.dtypes)]
+        return (*out, None, None)
+
+
+def distill_linear(student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher_hidden: torch.Tensor,
+                   teacher_weight: torch.Tensor, labels: torch.Tensor | None = None, *, tau: float = 1.0,
+                   weights: dict[str, float] | None = None, adjust: bool = False, divergence: str = "forward",
+                   beta: float = 0.5, student_bias: torch.Tensor | None = None,
+                   teacher_bias: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                   ignore_index: int = IGNORE_INDEX, reduction: str = "mean", chunk_size: int | None = None,
+                   memory_budget: int = 128 * 2 ** 20, backend: str = "auto") -> torch.Tensor:
+    """Token-level distillation through the LM heads without materialising the ``[N, V]`` logits.
+
+    The logits are ``student_hidden @ student_weight.T (+ student_bias)`` and likewise for the
+    teacher (hidden ``[N, H]`` or ``[B, S, H]``, weights ``[V, H]`` as in ``nn.Linear``); they are
+    computed ``chunk_size`` rows at a time, and each chunk's terms and gradients are formed before
+    the next, so memory is O(chunk_size * V + N * H). The loss is
+    ``sum_f weights[f] * mean over counted rows of distill_terms(...).f`` with ``weights`` among
+    ``kl_ts``, ``ce_s``, ``kl_st``, ``ce_t`` (default ``{"kl_ts": 1.0}``: tau^2 KL(t || s), plain KD).
+    Student terms (``kl_ts``, ``ce_s``) send gradients to the student's hidden states, weight and
+    bias; teacher terms (``kl_st``, ``ce_t``: PESF-KD's two-way loss) to the teacher's, when they
+    require grad. Rows count where ``labels != ignore_index`` (and ``mask``); ``labels`` is optional
+    for pure distillation. ``adjust``, ``divergence``, ``beta``: as in ``distill_terms``. bf16/fp16
+    inputs: each matmul accumulates in fp32, the loss math and the weight gradients are fp32.
+    ``chunk_size`` defaults to the rows whose temporaries fit ``memory_budget`` bytes. ``backend``:
+    on CUDA with ``"auto"``/``"triton"`` each chunk runs the fused kernel (forward KL only).
+    """
+    _check_linear("student", student_hidden, student_weight, student_bias)
+    _check_linear("teacher", teacher_hidden, teacher_weight, teacher_bias)
+    if teacher_hidden.shape[:-1] != student_hidden.shape[:-1] or teacher_weight.shape[0] != student_weight.shape[0]:
+        raise ValueError(f"teacher_hidden/teacher_weight must give the student's logits shape "
+                         f"{tuple(student_hidden.shape[:-1]) + (student_weight.shape[0],)}, got "
+                         f"{tuple(teacher_hidden.shape[:-1]) + (teacher_weight.shape[0],)}")
+    if teacher_hidden.device != student_hidden.device:
+        raise ValueError(f"teacher_hidden must be on student_hidden's device, got {teacher_hidden.device} "
+                         f"and {student_hidden.device}")
+    _check_tau(tau)
+    _check_divergence(divergence, beta)
+    weights = {"kl_ts": 1.0} if weights is None else weights
+    if not isinstance(weights, dict) or set(weights) - set(_LINEAR_TERMS):
+        raise ValueError(f"weights keys must be among {_LINEAR_TERMS}, got {weights!r}")
+    if labels is None and any(weights.get(f, 0.0) for f in ("ce_s", "ce_t")):
+        raise ValueError("weights on ce_s / ce_t need labels")
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+    lead = tuple(student_hidden.shape[:-1])
+    if labels is None:
+        if adjust:
+            raise ValueError("adjust=True needs labels (label adjustment swaps in the label's logit)")
+        y = torch.zeros(lead, dtype=torch.int64, device=student_hidden.device)
+    else:
+        y = labels
+    if not isinstance(y, torch.Tensor) or tuple(y.shape) != lead:
+        raise ValueError(f"labels must have shape {list(lead)} to match student_hidden "
+                         f"{tuple(student_hidden.shape)}, got {tuple(y.shape) if isinstance(y, torch.Tensor) else y!r}")
+    n, vocab = math.prod(lead), student_weight.shape[0]
+    _check_labels(y.reshape(-1), n, vocab, ignore_index, lead + (vocab,))
+    y = y.reshape(-1).long()
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != lead:
+            raise ValueError(f"mask must be a bool tensor of shape {list(lead)}")
+        y = torch.where(mask.reshape(-1), y, ignore_index)
+    kernel = divergence == "forward" and (
+        backend == "triton" or (backend == "auto" and _auto_uses_kernel(student_hidden)))
+    if kernel and not (triton_available() and (student_hidden.is_cuda or _triton_interpreted())):
+        raise RuntimeError("backend='triton' needs triton and CUDA tensors (or TRITON_INTERPRET=1); "
+                           "use backend='torch' or 'auto'")
+    chunk = chunk_size or _linear_chunk_rows(n, vocab, student_hidden.element_size(), kernel, memory_budget)
+    plan = _LinearPlan(float(tau), [float(weights.get(f, 0.0)) for f in _FIELDS], adjust, divergence,
+                       float(beta), ignore_index, reduction, chunk, kernel, backend == "triton")
+    hs = student_hidden.reshape(n, -1)
+    ht = teacher_hidden.reshape(n, -1)
+    return _DistillLinear.apply(hs, student_weight, student_bias, ht, teacher_weight, teacher_bias, y, plan)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -393,7 +393,10 @@ def _triton_kernels():
             _TRITON = _define_triton_kernels()
         except Exception as exc:  # ImportError, or a triton too old for the language features used
             _TRITON = False
-            _TRITON_DEFINE_ERROR = None if isinstance(exc, ModuleNotFoundError) else exc
+            # Only a missing triton is the silent torch-only setup; anything else (the interpreter
+            # without numpy, a triton too old) is a cause worth naming.
+            no_triton = isinstance(exc, ModuleNotFoundError) and (exc.name or "").split(".")[0] == "triton"
+            _TRITON_DEFINE_ERROR = None if no_triton else exc
     return _TRITON or None
 
 
@@ -962,14 +965,21 @@ def _count_valid(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
     return (labels != ignore_index).sum().clamp(min=1)
 
 
-def _distill_terms_triton(s, t, labels, tau, adjust, ignore_index, reduction, detach_targets,
-                          strict: bool = True) -> DistillTerms:
+def _require_kernel(x: torch.Tensor) -> None:
+    """backend='triton': a RuntimeError naming why the kernel cannot run on ``x``."""
     if not triton_available():
-        raise RuntimeError("backend='triton' needs the triton package and its fused kernel; "
+        cause = f" (defining the kernels failed: {type(_TRITON_DEFINE_ERROR).__name__}: {_TRITON_DEFINE_ERROR})" \
+            if _TRITON_DEFINE_ERROR is not None else ""
+        raise RuntimeError(f"backend='triton' needs the triton package and its fused kernel{cause}; "
                            "use backend='torch' or 'auto'")
-    if not (s.is_cuda or _triton_interpreted()):
+    if not (x.is_cuda or _triton_interpreted()):
         raise RuntimeError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before triton is "
                            "imported, to run the kernel on CPU tensors); use backend='torch' or 'auto'")
+
+
+def _distill_terms_triton(s, t, labels, tau, adjust, ignore_index, reduction, detach_targets,
+                          strict: bool = True) -> DistillTerms:
+    _require_kernel(s)
     rows, _ = torch.ops.pesf_kd.distill_fwd(s, t, labels, tau, adjust, ignore_index, detach_targets, strict)
     if reduction == "sum":
         rows = rows.sum(dim=1)
@@ -1077,12 +1087,13 @@ def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, lab
     scales them by the incoming gradient. With ``backend="torch"`` the same loss is built from the
     reference path, computing only the weighted terms (the others are reported as NaN), so training
     code can call this function on any device. ``reduction``: "mean" over the non-ignored rows
-    (default) or "sum". Logits, ``labels``, ``mask``, ``divergence`` and ``beta`` as in ``distill_terms``.
+    (default), "sum", or "none" (the weighted loss per row, in the logits' leading shape; the
+    two-kernel path on the Triton backend). Logits, ``labels``, ``mask``, ``divergence`` and ``beta`` as in ``distill_terms``.
     """
     batch = _batch(student_logits, teacher_logits, labels, mask, ignore_index, adjust, tau)
     _check_divergence(divergence, beta)
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
     unknown = set(weights) - set(_FIELDS)
@@ -1093,19 +1104,20 @@ def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, lab
     w = [float(weights.get(f, 0.0)) for f in _FIELDS]
     s, t, y = batch.s, batch.t, batch.labels
     use_kernel = divergence == "forward" and (backend == "triton" or (backend == "auto" and _auto_uses_kernel(s)))
-    if not use_kernel or torch.compiler.is_compiling():
-        # torch.compile: the two-kernel path (its backward kernel takes the incoming gradient as input).
+    if not use_kernel or torch.compiler.is_compiling() or reduction == "none":
+        # torch.compile and per-row losses: the two-kernel path (its backward kernel takes the
+        # incoming gradient as an input).
         terms = _distill_terms_triton(s, t, y, float(tau), adjust, ignore_index, reduction, detach_targets,
                                       strict=backend == "triton") if use_kernel else \
             _distill_terms_torch(s, t, y, float(tau), adjust, ignore_index, reduction, detach_targets, divergence,
                                  beta, needed=frozenset(f for f, wf in zip(_FIELDS, w) if wf != 0.0))
         loss = sum(wf * x for wf, x in zip(w, terms) if wf != 0.0)
         if not isinstance(loss, torch.Tensor):
-            loss = torch.zeros((), dtype=torch.float32, device=s.device)
+            loss = torch.zeros_like(terms[0])
+        if reduction == "none":
+            loss = loss.reshape(batch.lead_shape)
         return loss, _shape_terms(DistillTerms(*(x.detach() for x in terms)), batch, reduction)
-    if not triton_available() or not (s.is_cuda or _triton_interpreted()):
-        raise RuntimeError("backend='triton' needs triton and CUDA tensors (or TRITON_INTERPRET=1); "
-                           "use backend='torch' or 'auto'")
+    _require_kernel(s)
     need_ds = s.requires_grad and torch.is_grad_enabled()
     need_dt = t.requires_grad and torch.is_grad_enabled()
     loss, rows, _, _ = torch.ops.pesf_kd.distill_loss_fused(
@@ -1306,9 +1318,8 @@ def distill_linear(student_hidden: torch.Tensor, student_weight: torch.Tensor, t
         y = torch.where(mask.reshape(-1), y, ignore_index)
     kernel = divergence == "forward" and (
         backend == "triton" or (backend == "auto" and _auto_uses_kernel(student_hidden)))
-    if kernel and not (triton_available() and (student_hidden.is_cuda or _triton_interpreted())):
-        raise RuntimeError("backend='triton' needs triton and CUDA tensors (or TRITON_INTERPRET=1); "
-                           "use backend='torch' or 'auto'")
+    if kernel:
+        _require_kernel(student_hidden)
     chunk = chunk_size or _linear_chunk_rows(n, vocab, student_hidden.element_size(), kernel, memory_budget)
     plan = _LinearPlan(float(tau), [float(weights.get(f, 0.0)) for f in _FIELDS], adjust, divergence,
                        float(beta), ignore_index, reduction, chunk, kernel, backend == "triton")
@@ -1395,7 +1406,8 @@ class ConsistencyMeter:
     """Teacher/student consistency over a whole evaluation set (PESF-KD appendix A.3).
 
     ``update()`` per batch; ``compute()`` returns ``kl`` (tau = 1, KL(t || s)), ``gap``, ``agreement``
-    (%), ``pl`` (probability loyalty), ``cka_logits`` and ``cka_features``. Sums are accumulated in
+    (%), ``pl`` (probability loyalty), ``cka_logits`` and, when ``update()`` was given features,
+    ``cka_features``. Sums are accumulated in
     float64 and all-reduced across ranks when ``torch.distributed`` is initialised.
     """
 
@@ -1427,8 +1439,11 @@ class ConsistencyMeter:
             scalars, stats = self._all_reduce(scalars, stats)
         rows, kl, gap, agree, pl = scalars
         n = max(rows, 1.0)
-        return {"kl": kl / n, "gap": gap / n, "agreement": 100.0 * agree / n, "pl": pl / n,
-                "cka_logits": stats[0].value(), "cka_features": stats[1].value()}
+        out = {"kl": kl / n, "gap": gap / n, "agreement": 100.0 * agree / n, "pl": pl / n,
+               "cka_logits": stats[0].value()}
+        if stats[1].sx is not None:   # features were given: no CKA of features otherwise (not a NaN)
+            out["cka_features"] = stats[1].value()
+        return out
 
     @staticmethod
     def _all_reduce(scalars: list[float], stats: list[_CKAStats]):
@@ -1516,8 +1531,8 @@ class ParallelAdapter(nn.Module):
 class LoRALinear(nn.Module):
     """LoRA of Hu et al. (2022): ``base(x) + (alpha / r) * x A^T B^T`` with ``B`` zero-initialised.
 
-    Wraps an existing ``nn.Linear``; only ``A`` and ``B`` are meant to be trained (the model's
-    ``freeze_backbone`` freezes ``base``).
+    Wraps an existing ``nn.Linear``; only ``A`` and ``B`` are meant to be trained: freeze ``base``
+    (``layer.base.requires_grad_(False)``) or the whole backbone before building the optimiser.
     """
 
     def __init__(self, base: nn.Linear, rank: int = 8, alpha: float | None = None) -> None:

@@ -266,3 +266,45 @@ def test_distill_linear_bad_input_is_a_value_error_naming_the_argument(change, m
     args.update(change)
     with pytest.raises(ValueError, match=match):
         kd_core.distill_linear(**args)
+
+
+# ----------------------------------------------------------------------------------------------
+# the API a copier of kd_core.py meets
+# ----------------------------------------------------------------------------------------------
+def test_defaults_give_plain_hinton_kd_and_per_row_losses():
+    hs, ws, _, ht, wt, y = lm_batch(seed=6)
+    s, t = hs @ ws.T, ht @ wt.T
+    terms = kd_core.distill_terms(s, t, y, 4.0)
+    close(terms.kl_ts, ref_loss(s, t, y, 4.0, {"kl_ts": 1.0}, adjust=False))
+    per_row, _ = kd_core.distill_loss(s, t, y, 4.0, {"kl_ts": 0.9, "ce_s": 0.1}, reduction="none")
+    assert per_row.shape == y.shape
+    for b in range(y.shape[0]):
+        for i in range(y.shape[1]):
+            ref = ref_loss(s[b, i:i + 1], t[b, i:i + 1], y[b, i:i + 1], 4.0, {"kl_ts": 0.9, "ce_s": 0.1}, False)
+            close(per_row[b, i], torch.as_tensor(ref, dtype=torch.float64))
+
+
+def test_consistency_meter_without_features_reports_no_feature_cka():
+    meter = kd_core.ConsistencyMeter()
+    meter.update(torch.randn(6, 5), torch.randn(6, 5))
+    result = meter.compute()
+    assert "cka_features" not in result and math.isfinite(result["cka_logits"])
+
+
+def test_an_interpreter_that_cannot_start_names_its_cause(tmp_path):
+    pytest.importorskip("triton")
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    shutil.copy(Path(__file__).resolve().parents[1] / "kd_core.py", tmp_path / "kd_core.py")
+    script = ("import sys; sys.modules['numpy'] = None\n"
+              "import torch, kd_core\n"
+              "kd_core.distill_terms(torch.randn(2, 3), torch.randn(2, 3), torch.tensor([0, 1]), backend='triton')\n")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("RuntimeError") and "numpy" in last, last

@@ -129,23 +129,24 @@ def sharpness(logits: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(_math(logits), dim=1)
 
 
-def sharpness_gap(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+def sharpness_gap(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
     """Per-row sharpness gap ``logsumexp(t) - logsumexp(s)`` (PESF-KD eq. 3); take ``.mean()`` for the batch value."""
-    _check_pair("teacher_logits", teacher_logits, "student_logits", student_logits)
+    _check_pair("student_logits", student_logits, "teacher_logits", teacher_logits)
     return sharpness(teacher_logits) - sharpness(student_logits)
 
 
-def kl_div(target_logits: torch.Tensor, learner_logits: torch.Tensor, tau: float = 1.0,
+def kl_div(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float = 1.0,
            reduction: str = "batchmean") -> torch.Tensor:
-    """Temperature KL of Hinton et al. (2015), PESF-KD eq. 1.
+    """Temperature KL of Hinton et al. (2015), PESF-KD eq. 1: the student (first) learns from the teacher.
 
-    ``tau^2 * sum_k p_k(target) * (log p_k(target) - log p_k(learner))`` with ``p = softmax(z / tau)``,
-    computed in float32 whatever the input dtype. Gradients reach both arguments unless the caller
-    detaches one. ``reduction``: ``"batchmean"`` (default), ``"sum"`` or ``"none"`` (per row).
+    ``tau^2 * sum_k p_k(t) * (log p_k(t) - log p_k(s))`` with ``p = softmax(z / tau)``, computed in
+    float32 whatever the input dtype; for KL(s || t) (the teacher learning from the student) swap the
+    arguments. Gradients reach both arguments unless the caller detaches one. ``reduction``:
+    ``"batchmean"`` (default), ``"sum"`` or ``"none"`` (per row).
     """
-    _check_pair("target_logits", target_logits, "learner_logits", learner_logits)
+    _check_pair("student_logits", student_logits, "teacher_logits", teacher_logits)
     _check_tau(tau)
-    per_row = _divergence_rows(_math(target_logits), _math(learner_logits), tau, "forward", 0.5)
+    per_row = _divergence_rows(_math(teacher_logits), _math(student_logits), tau, "forward", 0.5)
     return _reduce(per_row, reduction, per_row.shape[0], "batchmean")
 
 
@@ -1337,7 +1338,7 @@ def agreement(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> tor
     return (student_logits.argmax(1) == teacher_logits.argmax(1)).float().mean() * 100.0
 
 
-def _loyalty_rows(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+def _loyalty_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
     log_p = F.log_softmax(teacher_logits.double(), dim=1)
     log_q = F.log_softmax(student_logits.double(), dim=1)
     log_m = torch.logaddexp(log_p, log_q) - math.log(2.0)
@@ -1347,10 +1348,10 @@ def _loyalty_rows(teacher_logits: torch.Tensor, student_logits: torch.Tensor) ->
     return 1.0 - jsd_bits.sqrt()
 
 
-def probability_loyalty(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+def probability_loyalty(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
     """Probability loyalty of Xu et al. (2021): mean over rows of ``1 - sqrt(JSD(p_t || p_s))``, JSD in bits."""
-    _check_pair("teacher_logits", teacher_logits, "student_logits", student_logits)
-    return _loyalty_rows(teacher_logits, student_logits).mean()
+    _check_pair("student_logits", student_logits, "teacher_logits", teacher_logits)
+    return _loyalty_rows(student_logits, teacher_logits).mean()
 
 
 class _CKAStats:
@@ -1424,10 +1425,10 @@ class ConsistencyMeter:
         _check_pair("student_logits", student_logits, "teacher_logits", teacher_logits)
         s, t = student_logits.detach(), teacher_logits.detach()
         self.rows += s.shape[0]
-        self.kl += float(kl_div(t, s, 1.0, reduction="sum"))
-        self.gap += float(sharpness_gap(t, s).double().sum())
+        self.kl += float(kl_div(s, t, 1.0, reduction="sum"))
+        self.gap += float(sharpness_gap(s, t).double().sum())
         self.agree += float((s.argmax(1) == t.argmax(1)).sum())
-        self.pl += float(_loyalty_rows(t, s).sum())
+        self.pl += float(_loyalty_rows(s, t).sum())
         self._cka_logits.update(s, t)
         if student_features is not None and teacher_features is not None:
             self._cka_features.update(student_features, teacher_features)

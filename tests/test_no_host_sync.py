@@ -38,7 +38,7 @@ CALLS = {
     "distill_terms": lambda s, t, y, b: sum(kd_core.distill_terms(s, t, y, 4.0, adjust=True, backend=b)),
     "distill_loss": lambda s, t, y, b: kd_core.distill_loss(
         s, t, y, 4.0, {"kl_ts": 0.9, "ce_s": 0.1, "kl_st": 0.5, "ce_t": 0.3}, adjust=True, backend=b)[0],
-    "kl_div": lambda s, t, y, b: kd_core.kl_div(t, s, 4.0),
+    "kl_div": lambda s, t, y, b: kd_core.kl_div(s, t, 4.0),
     "label_adjust": lambda s, t, y, b: kd_core.label_adjust(s, y).square().sum(),
 }
 

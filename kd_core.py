@@ -272,7 +272,8 @@ def distill_linear(student_hidden: torch.Tensor, student_weight: torch.Tensor, t
         backend == "triton" or (backend == "auto" and _auto_uses_kernel(student_hidden)))
     if kernel:
         _require_kernel(student_hidden)
-    chunk = chunk_size or _linear_chunk_rows(n, vocab, student_hidden.element_size(), kernel, memory_budget)
+    path = "kernel" if kernel else "forward" if divergence == "forward" else "autograd"
+    chunk = chunk_size or _linear_chunk_rows(n, vocab, student_hidden.element_size(), path, memory_budget)
     plan = _LinearPlan(float(tau), [float(weights.get(f, 0.0)) for f in _FIELDS], adjust, divergence,
                        float(beta), ignore_index, reduction, chunk, kernel, backend == "triton")
     hs = student_hidden.reshape(n, -1)
@@ -1485,14 +1486,14 @@ _op_distill_loss.register_autograd(_distill_loss_backward, setup_context=_distil
 _LINEAR_TERMS = ("kl_ts", "ce_s", "kl_st", "ce_t")
 _STUDENT_TERMS = ("kl_ts", "ce_s")
 _TEACHER_TERMS = ("kl_st", "ce_t")
-# Bytes per logit element that one chunk holds at once: the torch path keeps ~12 fp32 [rows, V]
-# temporaries (both logits, log-softmaxes, probabilities, the swap, gradients); the kernel path the
-# two logit chunks and the two gradient chunks in the input dtype, and one fp32 gradient copy.
-_CHUNK_BYTES_TORCH = 48
+# Bytes per logit element of one chunk's [rows, V] temporaries, measured (peak RSS, V = 32,000):
+# the autograd path (reverse KL, JSD) holds ~17 fp32 buffers, the analytic forward-KL path ~6; the
+# kernel path the two logit chunks and the two gradient chunks in the input dtype and one fp32 copy.
+_CHUNK_BYTES = {"autograd": 68, "forward": 24}
 
 
-def _linear_chunk_rows(n: int, vocab: int, elem_size: int, kernel: bool, memory_budget: int) -> int:
-    per_row = vocab * (4 * elem_size + 4 if kernel else _CHUNK_BYTES_TORCH)
+def _linear_chunk_rows(n: int, vocab: int, elem_size: int, path: str, memory_budget: int) -> int:
+    per_row = vocab * (4 * elem_size + 4 if path == "kernel" else _CHUNK_BYTES[path])
     return max(1, min(n, memory_budget // per_row))
 
 
@@ -1522,6 +1523,74 @@ def _chunk_grads_torch(zs, zt, labels, g, plan: _LinearPlan, need_s: bool, need_
         inputs = [x for x in (zs32, zt32) if x.requires_grad]
         grads = iter(torch.autograd.grad((rows * g[:, None]).sum(), inputs)) if inputs else iter(())
     return rows.detach(), (next(grads) if need_s else None), (next(grads) if need_t else None)
+
+
+def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-row dot product without a [rows, V] temporary."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+
+
+def _log_softmax_(x: torch.Tensor, tau: float) -> torch.Tensor:
+    """``x <- log_softmax(x / tau)`` in place; returns the per-row logsumexp of ``x / tau``."""
+    x.div_(tau)
+    lse = torch.logsumexp(x, dim=-1)
+    x.sub_(lse[:, None])
+    return lse
+
+
+def _swap_(x: torch.Tensor, top: torch.Tensor, labels: torch.Tensor) -> None:
+    """Label adjustment in place: entries ``top`` and ``labels`` of each row trade places."""
+    top, labels = top[:, None], labels[:, None]
+    at_top, at_label = x.gather(1, top), x.gather(1, labels)
+    x.scatter_(1, top, at_label).scatter_(1, labels, at_top)
+
+
+def _chunk_grads_forward_kl(zs, zt, labels, g, plan: _LinearPlan, need_s: bool, need_t: bool):
+    """Forward KL with detached targets, the kernel's closed-form gradients in torch:
+    d kl_ts / d s = tau (p_s - adj(p_t)), d ce_s / d s = softmax(s) - onehot(y) (teacher alike).
+    The logit chunks become their log-probabilities in place, so a chunk holds ~6 [rows, V] buffers
+    instead of the autograd path's ~17 (3x larger chunks, 3x fewer passes over the LM heads)."""
+    tau, (w_kts, w_kst, w_ces, w_cet) = plan.tau, plan.weights[:4]
+    labels = labels.long()
+    valid = labels != plan.ignore_index
+    y = torch.where(valid, labels, 0)
+    s, t = zs.to(g.dtype), zt.to(g.dtype)    # the caller's fresh GEMM outputs: ours to overwrite
+    del zs, zt
+    rows = torch.zeros((len(_FIELDS), s.shape[0]), dtype=g.dtype, device=s.device)
+    top_s, top_t = s.argmax(dim=1), t.argmax(dim=1)
+    lse1_s = torch.logsumexp(s, dim=1) if w_ces else None
+    lse1_t = torch.logsumexp(t, dim=1) if w_cet else None
+    if w_ces:
+        rows[2] = lse1_s - s.gather(1, y[:, None]).squeeze(1)
+    if w_cet:
+        rows[3] = lse1_t - t.gather(1, y[:, None]).squeeze(1)
+    ls, lt = _log_softmax_(s, tau), _log_softmax_(t, tau)     # s, t now hold log p_s, log p_t
+    grads = []
+    # (learner log-probs, its lse at 1/tau, its tau = 1 lse, target log-probs, target argmax, weights, needed)
+    for k, (log_l, l_lse, lse1, log_tg, top_tg, w_kl, g_kl, g_ce, need) in enumerate((
+            (s, ls, lse1_s, t, top_t, w_kts, g[0], g[2], need_s),
+            (t, lt, lse1_t, s, top_s, w_kst, g[1], g[3], need_t))):
+        grad = None
+        if w_kl:
+            q = log_tg.exp()
+            neg_entropy = _row_dot(q, log_tg)          # the same for adj(q): a permutation
+            if plan.adjust:
+                _swap_(q, top_tg, y)
+            rows[k] = tau * tau * (neg_entropy - _row_dot(q, log_l))
+            if need:
+                grad = log_l.exp().sub_(q).mul_(tau * g_kl)
+            del q
+        if need and (w_ces if k == 0 else w_cet):
+            # softmax at tau = 1 from the log-probs at 1/tau: z = tau (log p + lse)
+            p1 = (log_l * tau).add_((tau * l_lse - lse1)[:, None]).exp_().mul_(g_ce)
+            grad = p1 if grad is None else grad.add_(p1)
+            grad.scatter_add_(1, y[:, None], (-g_ce).expand(y.shape[0], 1).to(grad.dtype))
+            del p1
+        if grad is not None:
+            grad.mul_(valid[:, None])
+        grads.append(grad)
+    rows = rows * valid
+    return rows, grads[0], grads[1]
 
 
 def _chunk_grads_kernel(zs, zt, labels, g, plan: _LinearPlan, need_s: bool, need_t: bool):
@@ -1559,12 +1628,14 @@ class _DistillLinear(torch.autograd.Function):
         grad_bs = torch.zeros(ws.shape[0], dtype=acc, device=ws.device) if bs is not None and need[2] and need_s else None
         grad_bt = torch.zeros(wt.shape[0], dtype=acc, device=wt.device) if bt is not None and need[5] and need_t else None
         loss = torch.zeros((), dtype=acc, device=hs.device)
-        chunk_grads = _chunk_grads_kernel if plan.kernel else _chunk_grads_torch
+        chunk_grads = _chunk_grads_kernel if plan.kernel else \
+            _chunk_grads_forward_kl if plan.divergence == "forward" else _chunk_grads_torch
         for start in range(0, hs.shape[0], plan.chunk):
             rows_slice = slice(start, start + plan.chunk)
             hs_c, ht_c, y_c = hs[rows_slice], ht[rows_slice], labels[rows_slice]
-            zs, zt = F.linear(hs_c, ws, bs), F.linear(ht_c, wt, bt)
-            rows, dzs, dzt = chunk_grads(zs, zt, y_c, g, plan, need_s, need_t)
+            # The logit chunks are handed over (no reference kept here): the torch path overwrites them.
+            rows, dzs, dzt = chunk_grads(F.linear(hs_c, ws, bs), F.linear(ht_c, wt, bt), y_c, g, plan,
+                                         need_s, need_t)
             loss = loss + (rows * g[:, None].to(rows.dtype)).sum()
             for dz, h_c, wgt, grad_h, grad_w, grad_b in ((dzs, hs_c, ws, grad_hs, grad_ws, grad_bs),
                                                          (dzt, ht_c, wt, grad_ht, grad_wt, grad_bt)):

@@ -221,13 +221,13 @@ def test_distill_linear_never_holds_a_tensor_of_n_times_v():
     hs = torch.randn(n, hidden, generator=g, requires_grad=True)
     ws = torch.randn(vocab, hidden, generator=g, requires_grad=True)
     y = torch.randint(0, vocab, (n,), generator=g)
-    budget = 8 * vocab * 48          # room for 8 rows of torch-path temporaries
+    budget = 8 * vocab * kd_core._CHUNK_BYTES["forward"]     # room for 8 rows of temporaries
     with Largest():
         loss = kd_core.distill_linear(hs, ws, torch.randn(n, hidden, generator=g), torch.randn(vocab, hidden, generator=g),
                                       y, weights={"kl_ts": 1.0, "ce_s": 1.0}, memory_budget=budget)
         loss.backward()
     assert Largest.numel <= max(8 * vocab, vocab * hidden), Largest.numel
-    assert kd_core._linear_chunk_rows(n, vocab, 4, False, budget) == 8
+    assert kd_core._linear_chunk_rows(n, vocab, 4, "forward", budget) == 8
 
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="needs CUDA or TRITON_INTERPRET=1 set before triton is imported")

@@ -212,7 +212,7 @@ def distill_linear(student_hidden: torch.Tensor, student_weight: torch.Tensor, t
                    beta: float = 0.5, student_bias: torch.Tensor | None = None,
                    teacher_bias: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                    ignore_index: int = IGNORE_INDEX, reduction: str = "mean", chunk_size: int | None = None,
-                   memory_budget: int = 128 * 2 ** 20, backend: str = "auto") -> torch.Tensor:
+                   memory_budget: int | None = None, backend: str = "auto") -> torch.Tensor:
     """Token-level distillation through the LM heads without materialising the ``[N, V]`` logits.
 
     The logits are ``student_hidden @ student_weight.T (+ student_bias)`` and likewise for the
@@ -226,7 +226,8 @@ def distill_linear(student_hidden: torch.Tensor, student_weight: torch.Tensor, t
     require grad. Rows count where ``labels != ignore_index`` (and ``mask``); ``labels`` is optional
     for pure distillation. ``adjust``, ``divergence``, ``beta``: as in ``distill_terms``. bf16/fp16
     inputs: each matmul accumulates in fp32, the loss math and the weight gradients are fp32.
-    ``chunk_size`` defaults to the rows whose temporaries fit ``memory_budget`` bytes. ``backend``:
+    ``chunk_size`` defaults to the rows whose temporaries fit ``memory_budget`` bytes (default 128 MiB
+    on CPU; 1 GiB on a GPU, where a chunk needs enough rows to fill the SMs). ``backend``:
     on CUDA with ``"auto"``/``"triton"`` each chunk runs the fused kernel (forward KL only).
     """
     _check_linear("student", student_hidden, student_weight, student_bias)
@@ -273,6 +274,8 @@ def distill_linear(student_hidden: torch.Tensor, student_weight: torch.Tensor, t
     if kernel:
         _require_kernel(student_hidden)
     path = "kernel" if kernel else "forward" if divergence == "forward" else "autograd"
+    if memory_budget is None:
+        memory_budget = 2 ** 30 if student_hidden.is_cuda else 128 * 2 ** 20
     chunk = chunk_size or _linear_chunk_rows(n, vocab, student_hidden.element_size(), path, memory_budget)
     plan = _LinearPlan(float(tau), [float(weights.get(f, 0.0)) for f in _FIELDS], adjust, divergence,
                        float(beta), ignore_index, reduction, chunk, kernel, backend == "triton")
@@ -1457,10 +1460,14 @@ def _distill_loss_setup(ctx, inputs, output):
     ctx.applied = torch.ones((), dtype=torch.float32, device=ds.device)
 
 
+def _launch_rescale(x: torch.Tensor, g_loss: torch.Tensor, applied: torch.Tensor) -> None:
+    block = 4096
+    _triton_kernels()["rescale"][(-(-x.numel() // block),)](x, x.numel(), g_loss, applied, BLOCK=block)
+
+
 def _rescale_(x: torch.Tensor, g_loss: torch.Tensor, applied: torch.Tensor) -> None:
     if _kernel_runs_on(x):
-        block = 4096
-        _triton_kernels()["rescale"][(-(-x.numel() // block),)](x, x.numel(), g_loss, applied, BLOCK=block)
+        _launch_rescale(x, g_loss, applied)
     else:  # the torch fallback of a failed kernel: no kernel to scale in
         x.mul_((g_loss.float() / applied).to(x.dtype))
 

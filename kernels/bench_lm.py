@@ -205,6 +205,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--markdown", default=None, help="also write the table here")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"
@@ -226,6 +227,8 @@ def main(argv=None) -> dict:
         Path(args.json).write_text(json.dumps(result, indent=1))
     print()
     print(table(rows))
+    if args.markdown:
+        Path(args.markdown).write_text(table(rows) + "\n")
     return result
 
 

@@ -8,6 +8,8 @@ slow or hung step costs its own result and never the report:
 1. ``tests/test_triton_kernel.py`` with the kernel compiled for the GPU (no interpreter), against the
    float64 reference;
 2. ``kernels/bench_kd.py --quick`` (the issue-3 small-shape targets);
+   then ``kernels/bench_lm.py``: ``kd_core.distill_linear`` against naive torch, Liger and orda-kernel
+   at 8192 tokens x 4096 hidden, vocabularies 128,256 and 32,000, bf16 (issue 24);
 3. ``train_cifar.py --benchmark-steps`` for kd, pesf and dml (resnet56 -> resnet20, batch 64), eager and
    with the whole step in a CUDA graph (issue 5: pesf <= 3.5 ms, pesf/kd <= 1.10, dml/kd about 2.3);
 4. ``train_cifar.py --benchmark-steps --seeds`` for pesf: aggregate images/s of 1, 2, 4 and 8 runs at once in
@@ -160,6 +162,16 @@ def concurrency_table(rows: list[dict]) -> list[str]:
     return out
 
 
+def lm_bench(budget: Budget, log: Path, env: dict, out: Path, cuda: bool) -> tuple[str, list[str]]:
+    """kd_core.distill_linear against naive torch, Liger's and orda-kernel's Triton paths at the LM shapes
+    (8192 tokens x 4096 hidden, vocabularies 128,256 and 32,000, bf16); a tiny shape on CPU."""
+    table = out / "bench_lm.md"
+    shapes = [] if cuda else ["--shapes", "64x16x500", "--reps", "1"]
+    status = run_logged([sys.executable, "kernels/bench_lm.py", "--device", "cuda" if cuda else "cpu", *shapes,
+                         "--json", str(out / "bench_lm.json"), "--markdown", str(table)], 150, budget, log, env)
+    return status, (table.read_text().splitlines() if table.is_file() else [])
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "device_check_out"))
@@ -195,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     bench = [py, "kernels/bench_kd.py", "--device", args.device]
     quick_status = run_logged(bench + ["--quick", "--json", str(out / "bench_quick.json")]
                               + ([] if cuda else ["--shapes", "4x16,64x100", "--iters", "1"]), 150, budget, log, env)
+    lm_status, lm_table = lm_bench(budget, log, env, out, cuda)
     steps = step_times(args, budget, log, [False, True] if cuda else [False])
     (out / "steps.json").write_text(json.dumps(steps, indent=1))
     concurrent_status, concurrent = concurrency(args, budget, log, cuda)
@@ -206,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
               f"## Kernel tests, {'compiled for the GPU' if cuda else 'Triton interpreter'}: {test_status}", "",
               f"    {test_line}", "",
               f"## Fused kernel, small shapes: {quick_status}", "", *bench_table(out / "bench_quick.json"), "",
+              f"## distill_linear at language-model scale: {lm_status}", "", *lm_table, "",
               f"## Training step, {args.teacher} -> {args.student}, batch 64", "", *steps_table(steps), "",
               f"## Concurrent pesf runs in one process, batch 64 each: {concurrent_status}", "",
               *concurrency_table(concurrent), "",

@@ -25,6 +25,8 @@ def test_device_check_runs_every_step_and_writes_the_report(tmp_path, capsys):
     assert "| pesf | False |" in report and "pesf/kd" in report
     concurrent = json.loads((out / "concurrent.json").read_text())
     assert [r["runs"] for r in concurrent] == [1, 2] and "Concurrent pesf runs in one process, batch 64 each: ok" in report
+    lm = json.loads((out / "bench_lm.json").read_text())
+    assert {r["variant"] for r in lm["results"]} >= {"naive", "kd_core"} and "at language-model scale: ok" in report
 
 
 class FakeClock:

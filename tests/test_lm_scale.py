@@ -186,8 +186,11 @@ def test_distill_linear_two_way_loss_sends_teacher_terms_to_the_teacher(kind):
     close(mine[2], grads_of(teacher_only, ref_leaves[2:3])[0])
 
 
+@pytest.mark.parametrize("gpu_gemm", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_distill_linear_half_precision_accumulates_in_fp32(dtype):
+def test_distill_linear_half_precision_accumulates_in_fp32(dtype, gpu_gemm, monkeypatch):
+    # gpu_gemm: the weight gradient's GEMM in the input dtype, as on a GPU
+    monkeypatch.setattr(kd_core, "_gemm_in_input_dtype", lambda x: gpu_gemm)
     hs, ws, _, ht, wt, y = lm_batch(b=3, seq=7, hidden=16, vocab=64, seed=3)
     leaves = [x.to(dtype).requires_grad_() for x in (hs, ws)]
     loss = kd_core.distill_linear(leaves[0], leaves[1], ht.to(dtype), wt.to(dtype), y, tau=2.0,
@@ -223,8 +226,8 @@ def test_distill_linear_never_holds_a_tensor_of_n_times_v():
     y = torch.randint(0, vocab, (n,), generator=g)
     budget = 8 * vocab * kd_core._CHUNK_BYTES["forward"]     # room for 8 rows of temporaries
     with Largest():
-        loss = kd_core.distill_linear(hs, ws, torch.randn(n, hidden, generator=g), torch.randn(vocab, hidden, generator=g),
-                                      y, weights={"kl_ts": 1.0, "ce_s": 1.0}, memory_budget=budget)
+        ht, wt = torch.randn(n, hidden, generator=g), torch.randn(vocab, hidden, generator=g)
+        loss = kd_core.distill_linear(hs, ws, ht, wt, y, weights={"kl_ts": 1.0, "ce_s": 1.0}, memory_budget=budget)
         loss.backward()
     assert Largest.numel <= max(8 * vocab, vocab * hidden), Largest.numel
     assert kd_core._linear_chunk_rows(n, vocab, 4, "forward", budget) == 8

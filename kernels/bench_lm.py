@@ -62,8 +62,7 @@ def _liger(on_gpu: bool):
 
 
 def _orda(on_gpu: bool):
-    from orda_kernel import distillation_loss
-    from orda_kernel._api_types import SeparateTeacher
+    from orda_kernel import SeparateTeacher, distillation_loss
     backend = "triton" if on_gpu else "torch"
     return lambda hs, ws, ht, wt, y: distillation_loss(
         hs, ws, y, SeparateTeacher(ht, wt), student_ce_weight=0.0, kl_weight=1.0, kl_temperature=1.0,

@@ -2,24 +2,32 @@
 
 Copy this file alone into another project: it needs only ``torch`` (``triton`` is optional and
 only used for CUDA tensors). It implements the soft-label quantities of "Exploring the capacity
-mismatch problem in knowledge distillation from the view of soft labels" (PESF-KD / FT-KD):
+mismatch problem in knowledge distillation from the view of soft labels" (PESF-KD / FT-KD), at
+classifier and at language-model scale. Every function takes the student first, then the teacher.
 
-- ``kl_div``           tau^2 * KL(p^tau(target) || p^tau(learner)), batchmean, fp32 math (eq. 1)
+Part 1, the public API:
+- ``label_adjust``     swap the argmax logit with the label's logit where they differ (sec. 3.1)
 - ``sharpness``        logsumexp of the raw logits per row (eq. 2)
 - ``sharpness_gap``    logsumexp(teacher) - logsumexp(student) per row (eq. 3)
-- ``label_adjust``     swap the argmax logit with the label's logit where they differ (sec. 3.1)
+- ``kl_div``           tau^2 * KL(p^tau(teacher) || p^tau(student)), batchmean, fp32 math (eq. 1)
 - ``distill_terms``    every logit-level loss term of a teacher/student pair in one call
+                       ([N, K] or [B, S, K] logits, forward/reverse KL or generalised JSD)
 - ``distill_loss``     a weighted sum of those terms, gradients computed in the forward pass
+- ``distill_linear``   the same loss from hidden states and LM heads, chunk by chunk: the
+                       [N, V] logits of a language model never exist
 - ``ConsistencyMeter`` agreement, KL, probability loyalty, gap and linear CKA over a data set
 - ``Adapter``, ``LoRALinear``, ``ParallelAdapter``: the parameter-efficient teacher modules (sec. 3.2)
 
-For CUDA tensors ``distill_terms`` and ``distill_loss`` run one fused Triton kernel per direction (one
-read of both logit matrices forward, one read and one write of each backward); elsewhere, or with
-``backend="torch"``, the PyTorch path below computes the same values.
+Part 2, the internals: input checks, the PyTorch math, the fused Triton kernels (defined when
+triton imports), their launchers and autograd glue, and distill_linear's chunk loop. For CUDA
+tensors ``distill_terms``, ``distill_loss`` and ``distill_linear`` run the fused kernel (one read of
+both logit matrices forward, one read and one write of each backward); elsewhere, or with
+``backend="torch"``, the PyTorch path computes the same values.
 """
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from typing import NamedTuple
 
@@ -28,77 +36,23 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = [
-    "DistillTerms", "distill_terms", "kl_div", "label_adjust", "sharpness", "sharpness_gap",
-    "agreement", "probability_loyalty", "linear_cka", "ConsistencyMeter",
-    "Adapter", "LoRALinear", "ParallelAdapter", "triton_available", "distill_loss",
+    "label_adjust", "sharpness", "sharpness_gap", "kl_div", "DistillTerms", "distill_terms", "distill_loss",
+    "distill_linear", "agreement", "probability_loyalty", "linear_cka", "ConsistencyMeter",
+    "Adapter", "LoRALinear", "ParallelAdapter", "triton_available",
 ]
 
 IGNORE_INDEX = -100
+_FIELDS = ("kl_ts", "kl_st", "ce_s", "ce_t", "lse_s", "lse_t", "gap")   # DistillTerms' fields
+
+
+# ==============================================================================================
+# Part 1: the public API
+# ==============================================================================================
 
 
 # ----------------------------------------------------------------------------------------------
-# Input checks: bad input is a ValueError naming the argument and the shapes, never a device-side
-# assert or a silent broadcast.
+# Soft-label quantities (PESF-KD eqs. 1-3, sec. 3.1)
 # ----------------------------------------------------------------------------------------------
-def _check_logits(name: str, x: torch.Tensor) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise ValueError(f"{name} must be floating point (fp32/bf16/fp16/fp64), got {x.dtype}")
-    if x.dim() != 2:
-        raise ValueError(f"{name} must be 2-D [N, K], got shape {tuple(x.shape)}")
-    if x.shape[1] < 1:
-        raise ValueError(f"{name} must have at least one class, got shape {tuple(x.shape)}")
-
-
-def _check_pair(a_name: str, a: torch.Tensor, b_name: str, b: torch.Tensor) -> None:
-    _check_logits(a_name, a)
-    _check_logits(b_name, b)
-    if a.shape != b.shape:
-        raise ValueError(f"{a_name} and {b_name} must have the same shape, "
-                         f"got {tuple(a.shape)} and {tuple(b.shape)}")
-    if a.device != b.device:
-        raise ValueError(f"{a_name} and {b_name} must be on the same device, got {a.device} and {b.device}")
-
-
-def _check_tau(tau: float) -> None:
-    if not isinstance(tau, (int, float)) or isinstance(tau, bool) or not math.isfinite(tau) or tau <= 0:
-        raise ValueError(f"tau must be a finite number > 0, got {tau!r}")
-
-
-def _skip_value_checks() -> bool:
-    # Checking label values reads them on the host; that is impossible while a CUDA graph is
-    # being captured and would break a torch.compile graph, so those callers get shape checks only.
-    if torch.compiler.is_compiling():
-        return True
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-
-
-def _check_labels(labels: torch.Tensor, n: int, k: int, ignore_index: int, logits_shape) -> None:
-    if not isinstance(labels, torch.Tensor) or labels.dtype not in (torch.int64, torch.int32, torch.int16,
-                                                                    torch.int8, torch.uint8):
-        raise ValueError(f"labels must be an integer tensor, got "
-                         f"{labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__}")
-    if labels.dim() != 1 or labels.shape[0] != n:
-        raise ValueError(f"labels must have shape [{n}] to match logits {tuple(logits_shape)}, "
-                         f"got {tuple(labels.shape)}")
-    if _skip_value_checks() or labels.numel() == 0:
-        return
-    bad = ((labels < 0) | (labels >= k)) & (labels != ignore_index)
-    if bool(bad.any()):
-        first = labels[bad][0].item()
-        raise ValueError(f"labels must lie in [0, {k}) or equal ignore_index={ignore_index}; "
-                         f"found {first} (logits shape {tuple(logits_shape)})")
-
-
-# ----------------------------------------------------------------------------------------------
-# Elementary quantities
-# ----------------------------------------------------------------------------------------------
-def _math(x: torch.Tensor) -> torch.Tensor:
-    """Upcast to the math dtype: float32 for fp32/bf16/fp16, float64 stays float64 (exact gradcheck)."""
-    return x if x.dtype == torch.float64 else x.float()
-
-
 def label_adjust(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """Swap ``logits[i, argmax_i]`` and ``logits[i, y_i]`` in every row whose argmax is not its label.
 
@@ -108,14 +62,7 @@ def label_adjust(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int =
     """
     _check_logits("logits", logits)
     _check_labels(labels, logits.shape[0], logits.shape[1], ignore_index, logits.shape)
-    labels = labels.long()
-    top = logits.argmax(dim=1)
-    # Ignored rows "swap" the argmax with itself, which is the identity.
-    target = torch.where(labels == ignore_index, top, labels)[:, None]
-    top = top[:, None]
-    at_label = logits.gather(1, target)
-    at_top = logits.gather(1, top)
-    return logits.scatter(1, top, at_label).scatter(1, target, at_top)
+    return _label_adjust(logits, labels, ignore_index)
 
 
 def sharpness(logits: torch.Tensor) -> torch.Tensor:
@@ -124,46 +71,37 @@ def sharpness(logits: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(_math(logits), dim=1)
 
 
-def sharpness_gap(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+def sharpness_gap(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
     """Per-row sharpness gap ``logsumexp(t) - logsumexp(s)`` (PESF-KD eq. 3); take ``.mean()`` for the batch value."""
-    _check_pair("teacher_logits", teacher_logits, "student_logits", student_logits)
+    _check_pair("student_logits", student_logits, "teacher_logits", teacher_logits)
     return sharpness(teacher_logits) - sharpness(student_logits)
 
 
-def kl_div(target_logits: torch.Tensor, learner_logits: torch.Tensor, tau: float = 1.0,
+def kl_div(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float = 1.0,
            reduction: str = "batchmean") -> torch.Tensor:
-    """Temperature KL of Hinton et al. (2015), PESF-KD eq. 1.
+    """Temperature KL of Hinton et al. (2015), PESF-KD eq. 1: the student (first) learns from the teacher.
 
-    ``tau^2 * sum_k p_k(target) * (log p_k(target) - log p_k(learner))`` with ``p = softmax(z / tau)``,
-    computed in float32 whatever the input dtype. Gradients reach both arguments unless the caller
-    detaches one. ``reduction``: ``"batchmean"`` (default), ``"sum"`` or ``"none"`` (per row).
+    ``tau^2 * sum_k p_k(t) * (log p_k(t) - log p_k(s))`` with ``p = softmax(z / tau)``, computed in
+    float32 whatever the input dtype; for KL(s || t) (the teacher learning from the student) swap the
+    arguments. Gradients reach both arguments unless the caller detaches one. ``reduction``:
+    ``"batchmean"`` (default), ``"sum"`` or ``"none"`` (per row).
     """
-    _check_pair("target_logits", target_logits, "learner_logits", learner_logits)
+    _check_pair("student_logits", student_logits, "teacher_logits", teacher_logits)
     _check_tau(tau)
-    log_q = F.log_softmax(_math(target_logits) / tau, dim=1)
-    log_p = F.log_softmax(_math(learner_logits) / tau, dim=1)
-    per_row = (log_q.exp() * (log_q - log_p)).sum(dim=1) * (tau * tau)
+    per_row = _divergence_rows(_math(teacher_logits), _math(student_logits), tau, "forward", 0.5)
     return _reduce(per_row, reduction, per_row.shape[0], "batchmean")
 
 
-def _reduce(per_row: torch.Tensor, reduction: str, count, mean_name: str) -> torch.Tensor:
-    if reduction == "none":
-        return per_row
-    if reduction == "sum":
-        return per_row.sum()
-    if reduction == mean_name:
-        return per_row.sum() / count
-    raise ValueError(f"reduction must be '{mean_name}', 'sum' or 'none', got {reduction!r}")
-
-
 # ----------------------------------------------------------------------------------------------
-# distill_terms: every logit-level term of a teacher/student pair
+# Every logit-level term of a teacher/student pair, and their weighted loss
 # ----------------------------------------------------------------------------------------------
 class DistillTerms(NamedTuple):
     """The logit-level terms of one teacher/student batch (scalars, or per row with reduction="none").
 
-    kl_ts: tau^2 KL(p^tau(adj(t)) || p^tau(s)), target = label-adjusted teacher, learner = student
-    kl_st: tau^2 KL(p^tau(adj(s)) || p^tau(t)), target = label-adjusted student, learner = teacher
+    kl_ts: tau^2 D(p^tau(adj(t)), p^tau(s)), target = (label-adjusted) teacher, learner = student
+    kl_st: tau^2 D(p^tau(adj(s)), p^tau(t)), target = (label-adjusted) student, learner = teacher
+    (D = KL(target || learner) for divergence="forward", KL(learner || target) for "reverse", the
+    generalised JSD of GKD for "jsd")
     ce_s, ce_t: cross-entropy of the raw (tau = 1) student / teacher logits with the labels
     lse_s, lse_t: sharpness logsumexp(s), logsumexp(t) at tau = 1
     gap: lse_t - lse_s
@@ -177,54 +115,616 @@ class DistillTerms(NamedTuple):
     gap: torch.Tensor
 
 
-def distill_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
-                  tau: float = 4.0, adjust: bool = True, ignore_index: int = IGNORE_INDEX,
-                  reduction: str = "mean", backend: str = "auto",
-                  detach_targets: bool = False) -> DistillTerms:
+def distill_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None = None,
+                  tau: float = 4.0, adjust: bool = False, ignore_index: int = IGNORE_INDEX,
+                  reduction: str = "mean", backend: str = "auto", detach_targets: bool = False, *,
+                  mask: torch.Tensor | None = None, divergence: str = "forward",
+                  beta: float = 0.5) -> DistillTerms:
     """All logit-level terms of SPEC sec. 1 in one call; every method of SPEC sec. 2 is a weighted sum.
 
-    Rows with ``labels == ignore_index`` contribute nothing: their per-row values and gradients are
-    zero and ``reduction="mean"`` divides by the number of other rows (0 when there are none).
+    Logits are ``[N, K]`` or ``[B, S, K]`` (labels ``[N]`` / ``[B, S]``, per-row results in that
+    shape). Rows with ``labels == ignore_index`` (or ``mask`` False) contribute nothing: their
+    per-row values and gradients are zero and ``reduction="mean"`` divides by the number of other
+    rows (0 when there are none). Without ``labels`` (pure distillation) ``ce_s``/``ce_t`` are 0.
     ``adjust`` applies label adjustment to each KL term's target. With ``detach_targets`` the KL
     terms send gradients to their learner only (``kl_ts`` to the student, ``kl_st`` to the teacher),
-    as DML and PESF-KD need; otherwise both sides receive gradients (FT-KD). ``backend``:
+    as DML and PESF-KD need; otherwise both sides receive gradients (FT-KD). ``divergence``:
+    ``"forward"`` (KL(target || learner)), ``"reverse"`` or ``"jsd"`` (with ``beta``); the fused
+    kernel implements ``"forward"``, the others always take the PyTorch path. ``backend``:
     ``"torch"``, ``"triton"`` (CUDA tensors) or ``"auto"`` (Triton for CUDA tensors when it imports).
     """
-    _check_pair("student_logits", student_logits, "teacher_logits", teacher_logits)
-    _check_labels(labels, student_logits.shape[0], student_logits.shape[1], ignore_index, student_logits.shape)
-    _check_tau(tau)
+    batch = _batch(student_logits, teacher_logits, labels, mask, ignore_index, adjust, tau)
+    _check_divergence(divergence, beta)
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
-    if backend == "triton" or (backend == "auto" and _auto_uses_kernel(student_logits)):
-        return _distill_terms_triton(student_logits, teacher_logits, labels, float(tau), adjust,
-                                     ignore_index, reduction, detach_targets, strict=backend == "triton")
-    return _distill_terms_torch(student_logits, teacher_logits, labels, float(tau), adjust,
-                                ignore_index, reduction, detach_targets)
+    if divergence == "forward" and (backend == "triton" or (backend == "auto" and _auto_uses_kernel(batch.s))):
+        terms = _distill_terms_triton(batch.s, batch.t, batch.labels, float(tau), adjust, ignore_index,
+                                      reduction, detach_targets, strict=backend == "triton")
+    else:
+        terms = _distill_terms_torch(batch.s, batch.t, batch.labels, float(tau), adjust, ignore_index,
+                                     reduction, detach_targets, divergence, beta)
+    return _shape_terms(terms, batch, reduction)
+
+
+def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None,
+                 tau: float, weights: dict[str, float], adjust: bool = False, detach_targets: bool = False,
+                 ignore_index: int = IGNORE_INDEX, backend: str = "auto", reduction: str = "mean", *,
+                 mask: torch.Tensor | None = None, divergence: str = "forward",
+                 beta: float = 0.5) -> tuple[torch.Tensor, DistillTerms]:
+    """Weighted loss ``sum_f weights[f] * distill_terms(...).f`` and the terms (detached, for logging).
+
+    ``weights``: keys among ``DistillTerms._fields`` (usually kl_ts, kl_st, ce_s, ce_t), missing = 0.
+    With the Triton backend this is the gradient-in-forward mode: the forward also writes both
+    gradients (four passes over the logits instead of six) into fresh buffers, and the backward only
+    scales them by the incoming gradient. With ``backend="torch"`` the same loss is built from the
+    reference path, computing only the weighted terms (the others are reported as NaN), so training
+    code can call this function on any device. ``reduction``: "mean" over the non-ignored rows
+    (default), "sum", or "none" (the weighted loss per row, in the logits' leading shape; the
+    two-kernel path on the Triton backend). Logits, ``labels``, ``mask``, ``divergence`` and ``beta``
+    as in ``distill_terms``.
+    """
+    batch = _batch(student_logits, teacher_logits, labels, mask, ignore_index, adjust, tau)
+    _check_divergence(divergence, beta)
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+    unknown = set(weights) - set(_FIELDS)
+    if unknown:
+        raise ValueError(f"weights keys must be among {_FIELDS}, got {sorted(unknown)}")
+    if not batch.has_labels and any(weights.get(f, 0.0) for f in ("ce_s", "ce_t")):
+        raise ValueError("weights on ce_s / ce_t need labels")
+    w = [float(weights.get(f, 0.0)) for f in _FIELDS]
+    s, t, y = batch.s, batch.t, batch.labels
+    use_kernel = divergence == "forward" and (backend == "triton" or (backend == "auto" and _auto_uses_kernel(s)))
+    if not use_kernel or torch.compiler.is_compiling() or reduction == "none":
+        # torch.compile and per-row losses: the two-kernel path (its backward kernel takes the
+        # incoming gradient as an input).
+        terms = _distill_terms_triton(s, t, y, float(tau), adjust, ignore_index, reduction, detach_targets,
+                                      strict=backend == "triton") if use_kernel else \
+            _distill_terms_torch(s, t, y, float(tau), adjust, ignore_index, reduction, detach_targets, divergence,
+                                 beta, needed=frozenset(f for f, wf in zip(_FIELDS, w) if wf != 0.0))
+        loss = sum(wf * x for wf, x in zip(w, terms) if wf != 0.0)
+        if not isinstance(loss, torch.Tensor):
+            loss = torch.zeros_like(terms[0])
+        if reduction == "none":
+            loss = loss.reshape(batch.lead_shape)
+        return loss, _shape_terms(DistillTerms(*(x.detach() for x in terms)), batch, reduction)
+    _require_kernel(s)
+    need_ds = s.requires_grad and torch.is_grad_enabled()
+    need_dt = t.requires_grad and torch.is_grad_enabled()
+    loss, rows, _, _ = torch.ops.pesf_kd.distill_loss_fused(
+        s, t, y, w, float(tau), adjust, ignore_index, detach_targets, reduction, need_ds, need_dt,
+        backend == "triton")
+    red = rows.sum(dim=1)
+    if reduction == "mean":
+        red = red / _count_valid(y, ignore_index)
+    return loss, _shape_terms(DistillTerms(*red.detach().unbind(0)), batch, reduction)
+
+
+# ----------------------------------------------------------------------------------------------
+# distill_linear: token-level KD at language-model scale, the [N, V] logits never materialised
+# ----------------------------------------------------------------------------------------------
+def distill_linear(student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher_hidden: torch.Tensor,
+                   teacher_weight: torch.Tensor, labels: torch.Tensor | None = None, *, tau: float = 1.0,
+                   weights: dict[str, float] | None = None, adjust: bool = False, divergence: str = "forward",
+                   beta: float = 0.5, student_bias: torch.Tensor | None = None,
+                   teacher_bias: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                   ignore_index: int = IGNORE_INDEX, reduction: str = "mean", chunk_size: int | None = None,
+                   memory_budget: int | None = None, backend: str = "auto") -> torch.Tensor:
+    """Token-level distillation through the LM heads without materialising the ``[N, V]`` logits.
+
+    The logits are ``student_hidden @ student_weight.T (+ student_bias)`` and likewise for the
+    teacher (hidden ``[N, H]`` or ``[B, S, H]``, weights ``[V, H]`` as in ``nn.Linear``); they are
+    computed ``chunk_size`` rows at a time, and each chunk's terms and gradients are formed before
+    the next, so memory is O(chunk_size * V + N * H). The loss is
+    ``sum_f weights[f] * mean over counted rows of distill_terms(...).f`` with ``weights`` among
+    ``kl_ts``, ``ce_s``, ``kl_st``, ``ce_t`` (default ``{"kl_ts": 1.0}``: tau^2 KL(t || s), plain KD).
+    Student terms (``kl_ts``, ``ce_s``) send gradients to the student's hidden states, weight and
+    bias; teacher terms (``kl_st``, ``ce_t``: PESF-KD's two-way loss) to the teacher's, when they
+    require grad. Rows count where ``labels != ignore_index`` (and ``mask``); ``labels`` is optional
+    for pure distillation. ``adjust``, ``divergence``, ``beta``: as in ``distill_terms``. bf16/fp16
+    inputs: each matmul accumulates in fp32, the loss math and the weight gradients are fp32.
+    ``chunk_size`` defaults to the rows whose temporaries fit ``memory_budget`` bytes (default 128 MiB
+    on CPU; 1 GiB on a GPU, where a chunk needs enough rows to fill the SMs). ``backend``:
+    on CUDA with ``"auto"``/``"triton"`` each chunk runs the fused kernel (forward KL only).
+    """
+    _check_linear("student", student_hidden, student_weight, student_bias)
+    _check_linear("teacher", teacher_hidden, teacher_weight, teacher_bias)
+    if teacher_hidden.shape[:-1] != student_hidden.shape[:-1] or teacher_weight.shape[0] != student_weight.shape[0]:
+        raise ValueError(f"teacher_hidden/teacher_weight must give the student's logits shape "
+                         f"{tuple(student_hidden.shape[:-1]) + (student_weight.shape[0],)}, got "
+                         f"{tuple(teacher_hidden.shape[:-1]) + (teacher_weight.shape[0],)}")
+    if teacher_hidden.device != student_hidden.device:
+        raise ValueError(f"teacher_hidden must be on student_hidden's device, got {teacher_hidden.device} "
+                         f"and {student_hidden.device}")
+    _check_tau(tau)
+    _check_divergence(divergence, beta)
+    weights = {"kl_ts": 1.0} if weights is None else weights
+    if not isinstance(weights, dict) or set(weights) - set(_LINEAR_TERMS):
+        raise ValueError(f"weights keys must be among {_LINEAR_TERMS}, got {weights!r}")
+    if labels is None and any(weights.get(f, 0.0) for f in ("ce_s", "ce_t")):
+        raise ValueError("weights on ce_s / ce_t need labels")
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+    lead = tuple(student_hidden.shape[:-1])
+    if labels is None:
+        if adjust:
+            raise ValueError("adjust=True needs labels (label adjustment swaps in the label's logit)")
+        y = torch.zeros(lead, dtype=torch.int64, device=student_hidden.device)
+    else:
+        y = labels
+    if not isinstance(y, torch.Tensor) or tuple(y.shape) != lead:
+        raise ValueError(f"labels must have shape {list(lead)} to match student_hidden "
+                         f"{tuple(student_hidden.shape)}, got {tuple(y.shape) if isinstance(y, torch.Tensor) else y!r}")
+    n, vocab = math.prod(lead), student_weight.shape[0]
+    _check_labels(y.reshape(-1), n, vocab, ignore_index, lead + (vocab,))
+    y = y.reshape(-1).long()
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != lead:
+            raise ValueError(f"mask must be a bool tensor of shape {list(lead)}")
+        y = torch.where(mask.reshape(-1), y, ignore_index)
+    kernel = divergence == "forward" and (
+        backend == "triton" or (backend == "auto" and _auto_uses_kernel(student_hidden)))
+    if kernel:
+        _require_kernel(student_hidden)
+    path = "kernel" if kernel else "forward" if divergence == "forward" else "autograd"
+    if memory_budget is None:
+        memory_budget = 2 ** 30 if student_hidden.is_cuda else 128 * 2 ** 20
+    chunk = chunk_size or _linear_chunk_rows(n, vocab, student_hidden.element_size(), path, memory_budget)
+    plan = _LinearPlan(float(tau), [float(weights.get(f, 0.0)) for f in _FIELDS], adjust, divergence,
+                       float(beta), ignore_index, reduction, chunk, kernel, backend == "triton")
+    hs = student_hidden.reshape(n, -1)
+    ht = teacher_hidden.reshape(n, -1)
+    return _DistillLinear.apply(hs, student_weight, student_bias, ht, teacher_weight, teacher_bias, y, plan)
+
+
+# ----------------------------------------------------------------------------------------------
+# Consistency metrics (appendix A.3)
+# ----------------------------------------------------------------------------------------------
+def agreement(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Top-1 agreement: percentage of rows where argmax(s) == argmax(t)."""
+    _check_pair("student_logits", student_logits, "teacher_logits", teacher_logits)
+    return (student_logits.argmax(1) == teacher_logits.argmax(1)).float().mean() * 100.0
+
+
+def _loyalty_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    log_p = F.log_softmax(teacher_logits.double(), dim=1)
+    log_q = F.log_softmax(student_logits.double(), dim=1)
+    log_m = torch.logaddexp(log_p, log_q) - math.log(2.0)
+    kl_pm = torch.xlogy(log_p.exp(), log_p.exp()).sum(1) - (log_p.exp() * log_m).sum(1)
+    kl_qm = torch.xlogy(log_q.exp(), log_q.exp()).sum(1) - (log_q.exp() * log_m).sum(1)
+    jsd_bits = (0.5 * (kl_pm + kl_qm) / math.log(2.0)).clamp(0.0, 1.0)
+    return 1.0 - jsd_bits.sqrt()
+
+
+def probability_loyalty(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Probability loyalty of Xu et al. (2021): mean over rows of ``1 - sqrt(JSD(p_t || p_s))``, JSD in bits."""
+    _check_pair("student_logits", student_logits, "teacher_logits", teacher_logits)
+    return _loyalty_rows(student_logits, teacher_logits).mean()
+
+
+class _CKAStats:
+    """Float64 sums that give the linear CKA of two feature sets without holding them (Kornblith 2019)."""
+
+    def __init__(self) -> None:
+        self.n = 0.0
+        self.sx = self.sy = self.xx = self.yy = self.yx = None
+
+    def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        x, y = x.detach().flatten(1).double(), y.detach().flatten(1).double()
+        if self.sx is None:
+            self.sx, self.sy = x.sum(0), y.sum(0)
+            self.xx, self.yy, self.yx = x.T @ x, y.T @ y, y.T @ x
+        else:
+            self.sx += x.sum(0)
+            self.sy += y.sum(0)
+            self.xx += x.T @ x
+            self.yy += y.T @ y
+            self.yx += y.T @ x
+        self.n += x.shape[0]
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.sx, self.sy, self.xx, self.yy, self.yx]
+
+    def value(self) -> float:
+        if self.sx is None or self.n < 2:
+            return float("nan")
+        n = self.n
+        # Centred Gram matrices: X_c^T X_c = X^T X - n * mean_x mean_x^T.
+        cxx = self.xx - torch.outer(self.sx, self.sx) / n
+        cyy = self.yy - torch.outer(self.sy, self.sy) / n
+        cyx = self.yx - torch.outer(self.sy, self.sx) / n
+        denom = torch.linalg.matrix_norm(cxx) * torch.linalg.matrix_norm(cyy)
+        if denom == 0:
+            return float("nan")
+        return float((cyx.pow(2).sum() / denom).item())
+
+
+def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Linear CKA of two feature matrices ``[N, d1]`` and ``[N, d2]`` (Kornblith et al. 2019), in float64.
+
+    ``||Y_c^T X_c||_F^2 / (||X_c^T X_c||_F * ||Y_c^T Y_c||_F)`` with column-centred ``X_c``, ``Y_c``.
+    """
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"x and y must have the same number of rows, got {tuple(x.shape)} and {tuple(y.shape)}")
+    stats = _CKAStats()
+    stats.update(x, y)
+    return stats.value()
+
+
+class ConsistencyMeter:
+    """Teacher/student consistency over a whole evaluation set (PESF-KD appendix A.3).
+
+    ``update()`` per batch; ``compute()`` returns ``kl`` (tau = 1, KL(t || s)), ``gap``, ``agreement``
+    (%), ``pl`` (probability loyalty), ``cka_logits`` and, when ``update()`` was given features,
+    ``cka_features``. Sums are accumulated in
+    float64 and all-reduced across ranks when ``torch.distributed`` is initialised.
+    """
+
+    def __init__(self) -> None:
+        self.rows = 0.0
+        self._sums: torch.Tensor | None = None   # kl, gap, agreements, pl: on the device, read once in compute()
+        self._cka_logits = _CKAStats()
+        self._cka_features = _CKAStats()
+
+    @torch.no_grad()
+    def update(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+               student_features: torch.Tensor | None = None,
+               teacher_features: torch.Tensor | None = None) -> None:
+        _check_pair("student_logits", student_logits, "teacher_logits", teacher_logits)
+        s, t = student_logits.detach(), teacher_logits.detach()
+        self.rows += s.shape[0]
+        sums = torch.stack([kl_div(s, t, 1.0, reduction="sum").double(), sharpness_gap(s, t).double().sum(),
+                            (s.argmax(1) == t.argmax(1)).sum().double(), _loyalty_rows(s, t).double().sum()])
+        self._sums = sums if self._sums is None else self._sums + sums
+        self._cka_logits.update(s, t)
+        if student_features is not None and teacher_features is not None:
+            self._cka_features.update(student_features, teacher_features)
+
+    def compute(self) -> dict[str, float]:
+        scalars = [self.rows, *(self._sums.tolist() if self._sums is not None else [0.0] * 4)]
+        stats = [self._cka_logits, self._cka_features]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            scalars, stats = self._all_reduce(scalars, stats)
+        rows, kl, gap, agree, pl = scalars
+        n = max(rows, 1.0)
+        out = {"kl": kl / n, "gap": gap / n, "agreement": 100.0 * agree / n, "pl": pl / n,
+               "cka_logits": stats[0].value()}
+        if stats[1].sx is not None:   # features were given: no CKA of features otherwise (not a NaN)
+            out["cka_features"] = stats[1].value()
+        return out
+
+    @staticmethod
+    def _all_reduce(scalars: list[float], stats: list[_CKAStats]):
+        import torch.distributed as dist
+        backend_device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        device = torch.device(backend_device, torch.cuda.current_device()) if backend_device == "cuda" else "cpu"
+        packed = torch.tensor(scalars, dtype=torch.float64, device=device)
+        dist.all_reduce(packed)
+        reduced = []
+        for st in stats:
+            has = torch.tensor([0.0 if st.sx is None else 1.0], dtype=torch.float64, device=device)
+            dist.all_reduce(has, op=dist.ReduceOp.MIN)
+            out = _CKAStats()
+            if has.item() == 1.0:
+                # copy=True: all_reduce is in place and must not change this rank's own sums
+                parts = [p.to(device, copy=True) for p in st.tensors()]
+                parts.append(torch.tensor([st.n], dtype=torch.float64, device=device))
+                for p in parts:
+                    dist.all_reduce(p)
+                out.sx, out.sy, out.xx, out.yy, out.yx = (p.cpu() for p in parts[:5])
+                out.n = float(parts[5].item())
+            reduced.append(out)
+        return packed.tolist(), reduced
+
+
+# ----------------------------------------------------------------------------------------------
+# Adapters (PESF-KD sec. 3.2, Table 14). Each starts as the identity on the teacher it adapts.
+# ----------------------------------------------------------------------------------------------
+def _residual_sum(h: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """``h + delta``, in fp32 under autocast: a bf16 sum rounds an adapter offset below ~4e-3 of O(1)
+    features away, and a freshly initialised adapter (lr 1e-4) moves by far less than that."""
+    if torch.is_autocast_enabled(h.device.type):
+        return h.float() + delta.float()
+    return h + delta
+
+
+def _projection(in_dim: int, out_dim: int, conv: bool) -> nn.Module:
+    return nn.Conv2d(in_dim, out_dim, kernel_size=1) if conv else nn.Linear(in_dim, out_dim)
+
+
+class Adapter(nn.Module):
+    """Houlsby et al. (2019) bottleneck adapter: ``h + f(h W_down) W_up`` with ``f = ReLU``.
+
+    ``W_up`` and its bias start at zero, so the adapted teacher starts identical to the pretrained
+    one; the same computation runs in training and evaluation. ``conv=True`` applies it to the
+    channels of an ``[N, C, H, W]`` map with 1x1 convolutions (the CNN ``stages`` slot).
+    """
+
+    def __init__(self, dim: int, bottleneck: int = 32, conv: bool = False) -> None:
+        super().__init__()
+        self.down = _projection(dim, bottleneck, conv)
+        self.up = _projection(bottleneck, dim, conv)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return _residual_sum(h, self.up(F.relu(self.down(h))))
+
+
+class ParallelAdapter(nn.Module):
+    """Scaled parallel adapter of He et al. (2022): ``sublayer(x) + s * f(x W_down) W_up``.
+
+    Wraps ``sublayer`` (whose input has ``in_dim`` features and output ``out_dim``); with
+    ``sublayer=None`` it runs parallel to the identity (``in_dim == out_dim``). Zero-initialised
+    ``W_up``, so it starts as the sublayer.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int | None = None, bottleneck: int = 32, scale: float = 4.0,
+                 sublayer: nn.Module | None = None, conv: bool = False) -> None:
+        super().__init__()
+        out_dim = in_dim if out_dim is None else out_dim
+        if sublayer is None and out_dim != in_dim:
+            raise ValueError(f"without a sublayer in_dim and out_dim must match, got {in_dim} and {out_dim}")
+        self.sublayer = sublayer if sublayer is not None else nn.Identity()
+        self.scale = scale
+        self.down = _projection(in_dim, bottleneck, conv)
+        self.up = _projection(bottleneck, out_dim, conv)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _residual_sum(self.sublayer(x), self.scale * self.up(F.relu(self.down(x))))
+
+
+class LoRALinear(nn.Module):
+    """LoRA of Hu et al. (2022): ``base(x) + (alpha / r) * x A^T B^T`` with ``B`` zero-initialised.
+
+    Wraps an existing ``nn.Linear``; only ``A`` and ``B`` are meant to be trained: freeze ``base``
+    (``layer.base.requires_grad_(False)``) or the whole backbone before building the optimiser.
+    """
+
+    def __init__(self, base: nn.Linear, rank: int = 8, alpha: float | None = None) -> None:
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"rank must be >= 1, got {rank}")
+        self.base = base
+        self.rank = rank
+        self.scaling = (alpha if alpha is not None else rank) / rank
+        self.lora_a = nn.Parameter(torch.empty(rank, base.in_features))
+        self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank))
+        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _residual_sum(self.base(x), F.linear(F.linear(x, self.lora_a), self.lora_b) * self.scaling)
+
+
+# ==============================================================================================
+# Part 2: internals
+# ==============================================================================================
+
+
+# ----------------------------------------------------------------------------------------------
+# Input checks: bad input is a ValueError naming the argument and the shapes, never a device-side
+# assert or a silent broadcast.
+# ----------------------------------------------------------------------------------------------
+def _check_logits(name: str, x: torch.Tensor, token_dims: bool = False) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise ValueError(f"{name} must be floating point (fp32/bf16/fp16/fp64), got {x.dtype}")
+    if token_dims and x.dim() not in (2, 3):
+        raise ValueError(f"{name} must be [N, K] or [B, S, K], got shape {tuple(x.shape)}")
+    if not token_dims and x.dim() != 2:
+        raise ValueError(f"{name} must be 2-D [N, K], got shape {tuple(x.shape)}")
+    if x.shape[-1] < 1:
+        raise ValueError(f"{name} must have at least one class, got shape {tuple(x.shape)}")
+
+
+def _check_pair(a_name: str, a: torch.Tensor, b_name: str, b: torch.Tensor, token_dims: bool = False) -> None:
+    _check_logits(a_name, a, token_dims)
+    _check_logits(b_name, b, token_dims)
+    if a.shape != b.shape:
+        raise ValueError(f"{a_name} and {b_name} must have the same shape, "
+                         f"got {tuple(a.shape)} and {tuple(b.shape)}")
+    if a.device != b.device:
+        raise ValueError(f"{a_name} and {b_name} must be on the same device, got {a.device} and {b.device}")
+
+
+def _check_tau(tau: float) -> None:
+    if not isinstance(tau, (int, float)) or isinstance(tau, bool) or not math.isfinite(tau) or tau <= 0:
+        raise ValueError(f"tau must be a finite number > 0, got {tau!r}")
+
+
+def _check_labels(labels: torch.Tensor, n: int, k: int, ignore_index: int, logits_shape) -> None:
+    if not isinstance(labels, torch.Tensor) or labels.dtype not in (torch.int64, torch.int32, torch.int16,
+                                                                    torch.int8, torch.uint8):
+        raise ValueError(f"labels must be an integer tensor, got "
+                         f"{labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__}")
+    if labels.dim() != 1 or labels.shape[0] != n:
+        raise ValueError(f"labels must have shape [{n}] to match logits {tuple(logits_shape)}, "
+                         f"got {tuple(labels.shape)}")
+    # torch.compile traces no assert; meta tensors (kernels/aot_check.py) hold no values.
+    if torch.compiler.is_compiling() or labels.device.type == "meta" or labels.numel() == 0:
+        return
+    # The range check never reads the labels on the host (no sync in the hot path, capturable in a
+    # CUDA graph): a device-side assert, which on CPU raises at once and is turned into a ValueError.
+    bad = ((labels < 0) | (labels >= k)) & (labels != ignore_index)
+    message = f"labels must lie in [0, {k}) or equal ignore_index={ignore_index} (logits shape {tuple(logits_shape)})"
+    try:
+        torch._assert_async(~bad.any(), message)
+    except RuntimeError:
+        first = labels[bad][0].item()
+        raise ValueError(f"labels must lie in [0, {k}) or equal ignore_index={ignore_index}; "
+                         f"found {first} (logits shape {tuple(logits_shape)})") from None
+
+
+def _check_divergence(divergence: str, beta: float) -> None:
+    if divergence not in _DIVERGENCES:
+        raise ValueError(f"divergence must be one of {sorted(_DIVERGENCES)}, got {divergence!r}")
+    if divergence == "jsd" and not (isinstance(beta, (int, float)) and 0.0 < beta < 1.0):
+        raise ValueError(f"beta must lie in (0, 1) for divergence='jsd', got {beta!r}")
+
+
+class _Batch(NamedTuple):
+    """Checked inputs of distill_terms / distill_loss as rows: [N, K] logits and [N] labels."""
+    s: torch.Tensor
+    t: torch.Tensor
+    labels: torch.Tensor      # ignore_index where the row does not count (label or mask)
+    lead_shape: tuple         # [N] or [B, S]: the shape of per-row results
+    has_labels: bool
+
+
+def _batch(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None,
+           mask: torch.Tensor | None, ignore_index: int, adjust: bool, tau: float) -> _Batch:
+    """Checks the inputs and flattens [B, S, V] logits (and [B, S] labels / mask) into rows."""
+    _check_pair("student_logits", student_logits, "teacher_logits", teacher_logits, token_dims=True)
+    _check_tau(tau)
+    lead = tuple(student_logits.shape[:-1])
+    s = student_logits.reshape(-1, student_logits.shape[-1])
+    t = teacher_logits.reshape(-1, teacher_logits.shape[-1])
+    n, k = s.shape
+    has_labels = labels is not None
+    if labels is None:
+        if adjust:
+            raise ValueError("adjust=True needs labels (label adjustment swaps in the label's logit)")
+        labels = torch.zeros(lead, dtype=torch.int64, device=s.device)
+    elif not isinstance(labels, torch.Tensor) or tuple(labels.shape) != lead:
+        raise ValueError(f"labels must have shape {list(lead)} to match logits {tuple(student_logits.shape)}, "
+                         f"got {tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__}")
+    flat = labels.reshape(-1)
+    _check_labels(flat, n, k, ignore_index, tuple(student_logits.shape))
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != lead:
+            raise ValueError(f"mask must be a bool tensor of shape {list(lead)}, got "
+                             f"{(mask.dtype, tuple(mask.shape)) if isinstance(mask, torch.Tensor) else mask!r}")
+        flat = torch.where(mask.reshape(-1), flat.long(), ignore_index)
+    return _Batch(s, t, flat, lead, has_labels)
+
+
+def _shape_terms(terms: DistillTerms, batch: _Batch, reduction: str) -> DistillTerms:
+    """Per-row results back in the logits' leading shape; no cross-entropy without labels."""
+    rows = list(terms)
+    if not batch.has_labels:
+        rows[2], rows[3] = torch.zeros_like(rows[2]), torch.zeros_like(rows[3])
+    if reduction == "none":
+        rows = [x.reshape(batch.lead_shape) for x in rows]
+    return DistillTerms(*rows)
+
+
+def _check_linear(name: str, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    if not isinstance(hidden, torch.Tensor) or not hidden.is_floating_point() or hidden.dim() not in (2, 3):
+        raise ValueError(f"{name}_hidden must be a floating-point [N, H] or [B, S, H] tensor, got "
+                         f"{(hidden.dtype, tuple(hidden.shape)) if isinstance(hidden, torch.Tensor) else hidden!r}")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"{name}_weight must be [V, {hidden.shape[-1]}] (the LM head, hidden last), got "
+                         f"{tuple(weight.shape) if isinstance(weight, torch.Tensor) else weight!r}")
+    if weight.dtype != hidden.dtype or weight.device != hidden.device:
+        raise ValueError(f"{name}_weight must match {name}_hidden's dtype and device, got {weight.dtype} on "
+                         f"{weight.device} and {hidden.dtype} on {hidden.device}")
+    if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (weight.shape[0],)
+                             or bias.dtype != weight.dtype or bias.device != weight.device):
+        raise ValueError(f"{name}_bias must be a [{weight.shape[0]}] tensor of {name}_weight's dtype and device, got "
+                         f"{(bias.dtype, tuple(bias.shape)) if isinstance(bias, torch.Tensor) else bias!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# The PyTorch math: the reference path, and the torch fallback of every kernel
+# ----------------------------------------------------------------------------------------------
+def _math(x: torch.Tensor) -> torch.Tensor:
+    """Upcast to the math dtype: float32 for fp32/bf16/fp16, float64 stays float64 (exact gradcheck)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def _label_adjust(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    labels = labels.long()
+    top = logits.argmax(dim=1)
+    # Ignored rows "swap" the argmax with itself, which is the identity.
+    target = torch.where(labels == ignore_index, top, labels)[:, None]
+    top = top[:, None]
+    at_label = logits.gather(1, target)
+    at_top = logits.gather(1, top)
+    return logits.scatter(1, top, at_label).scatter(1, target, at_top)
+
+
+def _forward_kl(log_q: torch.Tensor, log_p: torch.Tensor, beta: float) -> torch.Tensor:
+    return (log_q.exp() * (log_q - log_p)).sum(dim=-1)
+
+
+def _reverse_kl(log_q: torch.Tensor, log_p: torch.Tensor, beta: float) -> torch.Tensor:
+    return (log_p.exp() * (log_p - log_q)).sum(dim=-1)
+
+
+def _generalised_jsd(log_q: torch.Tensor, log_p: torch.Tensor, beta: float) -> torch.Tensor:
+    # GKD (Agarwal et al. 2024): beta KL(q || m) + (1 - beta) KL(p || m), m = beta q + (1 - beta) p.
+    log_m = torch.logaddexp(log_q + math.log(beta), log_p + math.log1p(-beta))
+    return beta * _forward_kl(log_q, log_m, beta) + (1.0 - beta) * _forward_kl(log_p, log_m, beta)
+
+
+# divergence(q = target, p = learner): "forward" KL(q || p) (Hinton), "reverse" KL(p || q), "jsd".
+_DIVERGENCES = {"forward": _forward_kl, "reverse": _reverse_kl, "jsd": _generalised_jsd}
+
+
+def _divergence_rows(target: torch.Tensor, learner: torch.Tensor, tau: float, divergence: str,
+                     beta: float) -> torch.Tensor:
+    """``tau^2 D(p^tau(target), p^tau(learner))`` per row (last dimension = classes)."""
+    log_q = F.log_softmax(target / tau, dim=-1)
+    log_p = F.log_softmax(learner / tau, dim=-1)
+    return _DIVERGENCES[divergence](log_q, log_p, beta) * (tau * tau)
+
+
+def _reduce(per_row: torch.Tensor, reduction: str, count, mean_name: str) -> torch.Tensor:
+    if reduction == "none":
+        return per_row
+    if reduction == "sum":
+        return per_row.sum()
+    if reduction == mean_name:
+        return per_row.sum() / count
+    raise ValueError(f"reduction must be '{mean_name}', 'sum' or 'none', got {reduction!r}")
 
 
 def _distill_terms_torch(s: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, tau: float, adjust: bool,
-                         ignore_index: int, reduction: str, detach_targets: bool) -> DistillTerms:
-    """The PyTorch reference path: same semantics as the kernel, eager ops, fp32 math."""
+                         ignore_index: int, reduction: str, detach_targets: bool, divergence: str = "forward",
+                         beta: float = 0.5, needed: frozenset = frozenset(_FIELDS)) -> DistillTerms:
+    """The PyTorch reference path: same semantics as the kernel, eager ops, fp32 math.
+
+    Only the ``needed`` fields are computed (the others are NaN): a KL-only loss then holds no
+    cross-entropy temporaries of the size of the logits."""
     s32, t32 = _math(s), _math(t)
     labels = labels.long()
     valid = labels != ignore_index
     safe = torch.where(valid, labels, torch.zeros_like(labels))[:, None]
+    nan = torch.full((s.shape[0],), float("nan"), dtype=s32.dtype, device=s.device)
+    kl_ts = kl_st = ce_s = ce_t = lse_s = lse_t = nan
+    if "kl_ts" in needed:
+        t_target = _label_adjust(t32, labels, ignore_index) if adjust else t32
+        kl_ts = _divergence_rows(t_target.detach() if detach_targets else t_target, s32, tau, divergence, beta)
+    if "kl_st" in needed:
+        s_target = _label_adjust(s32, labels, ignore_index) if adjust else s32
+        kl_st = _divergence_rows(s_target.detach() if detach_targets else s_target, t32, tau, divergence, beta)
+    if needed & {"ce_s", "lse_s", "gap"}:
+        lse_s = torch.logsumexp(s32, dim=1)
+        ce_s = lse_s - s32.gather(1, safe).squeeze(1)
+    if needed & {"ce_t", "lse_t", "gap"}:
+        lse_t = torch.logsumexp(t32, dim=1)
+        ce_t = lse_t - t32.gather(1, safe).squeeze(1)
 
-    t_target = label_adjust(t32, labels, ignore_index) if adjust else t32
-    s_target = label_adjust(s32, labels, ignore_index) if adjust else s32
-    if detach_targets:
-        t_target, s_target = t_target.detach(), s_target.detach()
-    kl_ts = kl_div(t_target, s32, tau, reduction="none")
-    kl_st = kl_div(s_target, t32, tau, reduction="none")
-
-    lse_s = torch.logsumexp(s32, dim=1)
-    lse_t = torch.logsumexp(t32, dim=1)
-    ce_s = lse_s - s32.gather(1, safe).squeeze(1)
-    ce_t = lse_t - t32.gather(1, safe).squeeze(1)
-
-    zero = torch.zeros((), dtype=torch.float32, device=s.device)
+    zero = torch.zeros((), dtype=s32.dtype, device=s.device)
     rows = [torch.where(valid, x, zero) for x in (kl_ts, kl_st, ce_s, ce_t, lse_s, lse_t)]
     rows.append(rows[5] - rows[4])
     if reduction != "none":
@@ -234,9 +734,8 @@ def _distill_terms_torch(s: torch.Tensor, t: torch.Tensor, labels: torch.Tensor,
 
 
 # ----------------------------------------------------------------------------------------------
-# The fused Triton kernel family (SPEC sec. 5), Liger-Kernel style: kernels, launchers and the
-# autograd glue side by side. Triton is imported lazily (``_triton_kernels``), so this file still
-# imports with torch alone.
+# The fused Triton kernel family (SPEC sec. 5), Liger-Kernel style. The kernels are defined at
+# module level when triton imports; without it this file imports and runs with torch alone.
 #
 # The math, once. Per row, with a = s/tau, b = t/tau, LS = lse(a), LT = lse(b), p_s = e^(a-LS),
 # p_t = e^(b-LT), P1 = softmax at tau = 1, y the label, jt = argmax t, js = argmax s, and the
@@ -260,52 +759,31 @@ def _distill_terms_torch(s: torch.Tensor, t: torch.Tensor, labels: torch.Tensor,
 #   index remap using the six per-row scalars s_y, t_y, s_jt, t_jt, s_js, t_js.)
 #   Ignored rows are masked out of every load, so they give exact zeros even when they hold NaN.
 # ----------------------------------------------------------------------------------------------
-_FIELDS = DistillTerms._fields            # kl_ts, kl_st, ce_s, ce_t, lse_s, lse_t, gap
-_N_STATS = 8                              # LS, LT, lse_s, lse_t, D_ts, D_st, jt, js
-_N_PART = 10                              # split-K partials: (m, Z1, Zt, W, arg) for s and for t
-
-# Launch configuration overrides (tests force several K blocks, several rows per program, split-K;
-# a GPU session can sweep them). Keys: block_k, rows, splits, bwd_block_k, bwd_rows, num_warps.
-_KD_TUNE: dict = {}
-_GPU_BWD_MAX_ROWS = 4   # rows per backward program on a GPU (kernels/aot_check.py: more spill at K = 100)
-
-
-@torch.compiler.assume_constant_result  # torch.compile: evaluated once at trace time, not traced
-def triton_available() -> bool:
-    """True when the fused Triton kernel can be used (``triton`` imports and the kernels are defined)."""
-    return _triton_kernels() is not None
-
-
-@torch.compiler.assume_constant_result
-def _triton_interpreted() -> bool:
-    """True when the kernels were defined under TRITON_INTERPRET=1 (they then run on CPU tensors)."""
-    return triton_available() and bool(_TRITON["interpret"])
-
-
-_TRITON = None
-_TRITON_DEFINE_ERROR: Exception | None = None   # why the kernels could not be defined (not "no triton")
 
 
 def _interpreting() -> bool:
-    import os
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _triton_kernels():
-    global _TRITON, _TRITON_DEFINE_ERROR
-    if _TRITON is None:
-        try:
-            _TRITON = _define_triton_kernels()
-        except Exception as exc:  # ImportError, or a triton too old for the language features used
-            _TRITON = False
-            _TRITON_DEFINE_ERROR = None if isinstance(exc, ModuleNotFoundError) else exc
-    return _TRITON or None
+def _import_triton():
+    """``(triton, triton.language, None)``, or ``(None, None, None)`` without triton (the silent
+    torch-only setup), or ``(None, None, error)`` when triton is there but cannot serve (the
+    interpreter without numpy, a triton too old): backend="auto" then warns once naming the error
+    and backend="triton" raises with it."""
+    try:
+        import triton
+        import triton.language as tl
+    except ModuleNotFoundError as exc:
+        return None, None, (None if (exc.name or "").split(".")[0] == "triton" else exc)
+    except Exception as exc:
+        return None, None, exc
+    return triton, tl, None
 
 
-def _define_triton_kernels():
-    import triton
-    import triton.language as tl
+triton, tl, _TRITON_DEFINE_ERROR = _import_triton()
 
+if tl is not None:
+    # Module-level kernels: Triton resolves the helpers a kernel calls through these globals.
     @triton.jit
     def _kd_row_offsets(rows, stride, OFF64: tl.constexpr):
         # Element offset of each row. int32 unless some offset of the launch reaches 2^31.
@@ -575,18 +1053,56 @@ def _define_triton_kernels():
                   WRITE_DS, WRITE_DT, OFF64)
 
     @triton.jit
+    def _kd_rescale_kernel(x_ptr, numel, g_ptr, applied_ptr, BLOCK: tl.constexpr):
+        # x *= g / applied, in place, read on the device: when the incoming gradient equals the scale
+        # already applied (1 for a plain loss.backward()), every program returns after two loads.
+        g = tl.load(g_ptr).to(tl.float32)
+        applied = tl.load(applied_ptr)
+        if g != applied:
+            offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+            mask = offs < numel
+            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            tl.store(x_ptr + offs, (x * (g / applied)).to(x_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
     def _kd_offsets_probe_kernel(out_ptr, rows_ptr, stride, OFF64: tl.constexpr):
         # Test hook: exposes the row-offset arithmetic of the kernels (int32 vs int64 path).
         r = tl.load(rows_ptr + tl.arange(0, 4))
         tl.store(out_ptr + tl.arange(0, 4), _kd_row_offsets(r, stride, OFF64).to(tl.int64))
 
-    # Triton resolves the names a kernel calls through the module globals (the interpreter at run
-    # time, the compiler at the first launch), so the kernels are published there, prefixed.
-    kernels = {k: v for k, v in locals().items() if k.startswith("_kd_")}
-    globals().update(kernels)
-    globals().update(tl=tl)
-    return {"fwd": _kd_fwd_kernel, "merge": _kd_merge_kernel, "bwd": _kd_bwd_kernel,
-            "offsets_probe": _kd_offsets_probe_kernel, "triton": triton, "interpret": _interpreting()}
+    # The launch table (kernels/aot_check.py swaps in recorders to derive a GPU's launches).
+    _TRITON = {"fwd": _kd_fwd_kernel, "merge": _kd_merge_kernel, "bwd": _kd_bwd_kernel, "rescale": _kd_rescale_kernel,
+               "offsets_probe": _kd_offsets_probe_kernel, "triton": triton, "interpret": _interpreting()}
+else:
+    _TRITON = None
+
+
+@torch.compiler.assume_constant_result  # torch.compile: evaluated once at trace time, not traced
+def triton_available() -> bool:
+    """True when the fused Triton kernel can be used (``triton`` imports and the kernels are defined)."""
+    return bool(_TRITON)
+
+
+@torch.compiler.assume_constant_result
+def _triton_interpreted() -> bool:
+    """True when the kernels were defined under TRITON_INTERPRET=1 (they then run on CPU tensors)."""
+    return triton_available() and bool(_TRITON["interpret"])
+
+
+def _triton_kernels():
+    return _TRITON
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch configuration and launchers
+# ----------------------------------------------------------------------------------------------
+_N_STATS = 8                              # LS, LT, lse_s, lse_t, D_ts, D_st, jt, js
+_N_PART = 10                              # split-K partials: (m, Z1, Zt, W, arg) for s and for t
+
+# Launch configuration overrides (tests force several K blocks, several rows per program, split-K;
+# a GPU session can sweep them). Keys: block_k, rows, splits, bwd_block_k, bwd_rows, num_warps.
+_KD_TUNE: dict = {}
+_GPU_BWD_MAX_ROWS = 4   # rows per backward program on a GPU (kernels/aot_check.py: more spill at K = 100)
 
 
 def _next_pow2(x: int) -> int:
@@ -769,6 +1285,9 @@ def _launch_bwd(grad_rows, s, t, labels, stats, tau, adjust, ignore_index, detac
     return ds, dt
 
 
+# ----------------------------------------------------------------------------------------------
+# backend="auto": one warning and the torch path after a kernel failure; the custom ops
+# ----------------------------------------------------------------------------------------------
 # backend="auto" degrades instead of crashing on a GPU nobody tried: the first compile or launch
 # failure of the kernel (an old GPU, a mismatched triton, a driver problem) is reported once and the
 # PyTorch path serves the rest of the process. backend="triton" ("strict") always raises.
@@ -883,14 +1402,21 @@ def _count_valid(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
     return (labels != ignore_index).sum().clamp(min=1)
 
 
-def _distill_terms_triton(s, t, labels, tau, adjust, ignore_index, reduction, detach_targets,
-                          strict: bool = True) -> DistillTerms:
+def _require_kernel(x: torch.Tensor) -> None:
+    """backend='triton': a RuntimeError naming why the kernel cannot run on ``x``."""
     if not triton_available():
-        raise RuntimeError("backend='triton' needs the triton package and its fused kernel; "
+        cause = f" (defining the kernels failed: {type(_TRITON_DEFINE_ERROR).__name__}: {_TRITON_DEFINE_ERROR})" \
+            if _TRITON_DEFINE_ERROR is not None else ""
+        raise RuntimeError(f"backend='triton' needs the triton package and its fused kernel{cause}; "
                            "use backend='torch' or 'auto'")
-    if not (s.is_cuda or _triton_interpreted()):
+    if not (x.is_cuda or _triton_interpreted()):
         raise RuntimeError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before triton is "
                            "imported, to run the kernel on CPU tensors); use backend='torch' or 'auto'")
+
+
+def _distill_terms_triton(s, t, labels, tau, adjust, ignore_index, reduction, detach_targets,
+                          strict: bool = True) -> DistillTerms:
+    _require_kernel(s)
     rows, _ = torch.ops.pesf_kd.distill_fwd(s, t, labels, tau, adjust, ignore_index, detach_targets, strict)
     if reduction == "sum":
         rows = rows.sum(dim=1)
@@ -902,17 +1428,34 @@ def _distill_terms_triton(s, t, labels, tau, adjust, ignore_index, reduction, de
 # ---- gradient-in-forward mode -------------------------------------------------------------------
 # The loss weights are known before the forward, so the forward kernel writes ds and dt (into new
 # buffers, never into s, t or anything autograd saved) and the backward only scales them by the
-# incoming gradient: when that gradient is exactly 1 (eager, plain loss.backward()) it returns the
-# buffers as they are, otherwise a scaled copy (retain_graph-safe: the saved buffers never change).
+# incoming gradient, without reading it on the host: the rescale kernel compares it with the scale
+# already applied on the device and touches the buffers only when they differ (a plain
+# loss.backward() passes 1: no pass over the gradients). Under torch.compile, distill_loss uses the
+# two-kernel path instead, whose backward kernel takes the incoming gradient as an input.
+_WEIGHT_TENSORS: dict = {}
+
+
+def _weight_tensor(weights: list[float], device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The [7] weight vector on ``device``, made once per distinct weights (no host-to-device copy
+    per call: each entry is a device fill, so it can also be made while a CUDA graph is captured)."""
+    key = (tuple(weights), str(device), dtype)
+    if key not in _WEIGHT_TENSORS:
+        if len(_WEIGHT_TENSORS) >= 64:   # a schedule that changes weights every step: keep it bounded
+            _WEIGHT_TENSORS.clear()
+        w = torch.empty(len(weights), dtype=dtype, device=device)
+        for i, value in enumerate(weights):
+            w[i].fill_(value)
+        _WEIGHT_TENSORS[key] = w
+    return _WEIGHT_TENSORS[key]
+
+
 @torch.library.custom_op("pesf_kd::distill_loss_fused", mutates_args=())
 def _op_distill_loss(s: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, weights: list[float], tau: float,
                      adjust: bool, ignore_index: int, detach_targets: bool, reduction: str, need_ds: bool,
                      need_dt: bool, strict: bool = True
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    w = torch.tensor(weights, dtype=torch.float32, device=s.device)
-    scale = (1.0 / _count_valid(labels, ignore_index).float()) if reduction == "mean" else \
-        torch.ones((), dtype=torch.float32, device=s.device)
-    g = (w * scale).contiguous()
+    w = _weight_tensor(weights, s.device)
+    g = w / _count_valid(labels, ignore_index).float() if reduction == "mean" else w
     fused = _try_kernel(strict, lambda: _launch_fwd(s, t, labels, tau, adjust, ignore_index,
                                                     grad=(g, detach_targets, need_ds, need_dt))) \
         if _kernel_runs_on(s, strict) else None
@@ -941,288 +1484,228 @@ def _distill_loss_setup(ctx, inputs, output):
     # Held as attributes (not save_for_backward) so that autograd never "steals" the buffer into a
     # .grad that a later in-place op (zero_grad) could modify while the graph is retained.
     ctx.ds, ctx.dt = ds, dt
+    # The scale the buffers hold now (a retained graph's second backward rescales from it).
+    ctx.applied = torch.ones((), dtype=torch.float32, device=ds.device)
+
+
+def _launch_rescale(x: torch.Tensor, g_loss: torch.Tensor, applied: torch.Tensor) -> None:
+    block = 4096
+    _triton_kernels()["rescale"][(-(-x.numel() // block),)](x, x.numel(), g_loss, applied, BLOCK=block)
+
+
+def _rescale_(x: torch.Tensor, g_loss: torch.Tensor, applied: torch.Tensor) -> None:
+    if _kernel_runs_on(x):
+        _launch_rescale(x, g_loss, applied)
+    else:  # the torch fallback of a failed kernel: no kernel to scale in
+        x.mul_((g_loss.float() / applied).to(x.dtype))
 
 
 def _distill_loss_backward(ctx, g_loss, g_rows, g_ds, g_dt):
-    ds, dt = ctx.ds, ctx.dt
-    need_ds, need_dt = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    plain = not torch.compiler.is_compiling() and not (
-        g_loss.is_cuda and torch.cuda.is_current_stream_capturing())
-    if not (plain and bool(g_loss == 1)):
-        ds = ds * g_loss.to(ds.dtype) if need_ds and ds.numel() else ds
-        dt = dt * g_loss.to(dt.dtype) if need_dt and dt.numel() else dt
-    return ((ds if need_ds and ds.numel() else None), (dt if need_dt and dt.numel() else None),
+    need_ds = ctx.needs_input_grad[0] and ctx.ds.numel() > 0
+    need_dt = ctx.needs_input_grad[1] and ctx.dt.numel() > 0
+    g_loss = g_loss.float().contiguous()
+    for x, needed in ((ctx.ds, need_ds), (ctx.dt, need_dt)):
+        if needed:
+            _rescale_(x, g_loss, ctx.applied)
+    ctx.applied.copy_(g_loss)
+    return ((ctx.ds if need_ds else None), (ctx.dt if need_dt else None),
             None, None, None, None, None, None, None, None, None, None)
 
 
 _op_distill_loss.register_autograd(_distill_loss_backward, setup_context=_distill_loss_setup)
 
 
-def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, tau: float,
-                 weights: dict[str, float], adjust: bool = True, detach_targets: bool = False,
-                 ignore_index: int = IGNORE_INDEX, backend: str = "auto",
-                 reduction: str = "mean") -> tuple[torch.Tensor, DistillTerms]:
-    """Weighted loss ``sum_f weights[f] * distill_terms(...).f`` and the terms (detached, for logging).
-
-    ``weights``: keys among ``DistillTerms._fields`` (usually kl_ts, kl_st, ce_s, ce_t), missing = 0.
-    With the Triton backend this is the gradient-in-forward mode: the forward also writes both
-    gradients (four passes over the logits instead of six) into fresh buffers, and the backward only
-    scales them by the incoming gradient. With ``backend="torch"`` the same loss is built from the
-    reference path, so training code can call this function on any device. ``reduction``: "mean"
-    over the non-ignored rows (default) or "sum".
-    """
-    _check_pair("student_logits", student_logits, "teacher_logits", teacher_logits)
-    _check_labels(labels, student_logits.shape[0], student_logits.shape[1], ignore_index, student_logits.shape)
-    _check_tau(tau)
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-    if backend not in ("auto", "torch", "triton"):
-        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
-    unknown = set(weights) - set(_FIELDS)
-    if unknown:
-        raise ValueError(f"weights keys must be among {_FIELDS}, got {sorted(unknown)}")
-    w = [float(weights.get(f, 0.0)) for f in _FIELDS]
-    if not (backend == "triton" or (backend == "auto" and _auto_uses_kernel(student_logits))):
-        terms = _distill_terms_torch(student_logits, teacher_logits, labels, float(tau), adjust, ignore_index,
-                                     reduction, detach_targets)
-        loss = sum(wf * x for wf, x in zip(w, terms) if wf != 0.0)
-        if not isinstance(loss, torch.Tensor):
-            loss = torch.zeros((), dtype=torch.float32, device=student_logits.device)
-        return loss, DistillTerms(*(x.detach() for x in terms))
-    if not triton_available() or not (student_logits.is_cuda or _triton_interpreted()):
-        raise RuntimeError("backend='triton' needs triton and CUDA tensors (or TRITON_INTERPRET=1); "
-                           "use backend='torch' or 'auto'")
-    need_ds = student_logits.requires_grad and torch.is_grad_enabled()
-    need_dt = teacher_logits.requires_grad and torch.is_grad_enabled()
-    loss, rows, _, _ = torch.ops.pesf_kd.distill_loss_fused(
-        student_logits, teacher_logits, labels, w, float(tau), adjust, ignore_index, detach_targets, reduction,
-        need_ds, need_dt, backend == "triton")
-    red = rows.sum(dim=1)
-    if reduction == "mean":
-        red = red / _count_valid(labels, ignore_index)
-    return loss, DistillTerms(*red.detach().unbind(0))
-
-
 # ----------------------------------------------------------------------------------------------
-# Consistency metrics (appendix A.3)
+# distill_linear's chunk loop
 # ----------------------------------------------------------------------------------------------
-def agreement(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """Top-1 agreement: percentage of rows where argmax(s) == argmax(t)."""
-    _check_pair("student_logits", student_logits, "teacher_logits", teacher_logits)
-    return (student_logits.argmax(1) == teacher_logits.argmax(1)).float().mean() * 100.0
+_LINEAR_TERMS = ("kl_ts", "ce_s", "kl_st", "ce_t")
+_STUDENT_TERMS = ("kl_ts", "ce_s")
+_TEACHER_TERMS = ("kl_st", "ce_t")
+# Bytes per logit element of one chunk's [rows, V] temporaries, measured (peak RSS, V = 32,000):
+# the autograd path (reverse KL, JSD) holds ~17 fp32 buffers, the analytic forward-KL path ~6; the
+# kernel path the two logit chunks and the two gradient chunks in the input dtype and one fp32 copy.
+_CHUNK_BYTES = {"autograd": 68, "forward": 24}
 
 
-def _loyalty_rows(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
-    log_p = F.log_softmax(teacher_logits.double(), dim=1)
-    log_q = F.log_softmax(student_logits.double(), dim=1)
-    log_m = torch.logaddexp(log_p, log_q) - math.log(2.0)
-    kl_pm = torch.xlogy(log_p.exp(), log_p.exp()).sum(1) - (log_p.exp() * log_m).sum(1)
-    kl_qm = torch.xlogy(log_q.exp(), log_q.exp()).sum(1) - (log_q.exp() * log_m).sum(1)
-    jsd_bits = (0.5 * (kl_pm + kl_qm) / math.log(2.0)).clamp(0.0, 1.0)
-    return 1.0 - jsd_bits.sqrt()
+def _linear_chunk_rows(n: int, vocab: int, elem_size: int, path: str, memory_budget: int) -> int:
+    per_row = vocab * (4 * elem_size + 4 if path == "kernel" else _CHUNK_BYTES[path])
+    return max(1, min(n, memory_budget // per_row))
 
 
-def probability_loyalty(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
-    """Probability loyalty of Xu et al. (2021): mean over rows of ``1 - sqrt(JSD(p_t || p_s))``, JSD in bits."""
-    _check_pair("teacher_logits", teacher_logits, "student_logits", student_logits)
-    return _loyalty_rows(teacher_logits, student_logits).mean()
+class _LinearPlan(NamedTuple):
+    tau: float
+    weights: list          # per _FIELDS, 0 where absent
+    adjust: bool
+    divergence: str
+    beta: float
+    ignore_index: int
+    reduction: str
+    chunk: int
+    kernel: bool
+    strict: bool
 
 
-class _CKAStats:
-    """Float64 sums that give the linear CKA of two feature sets without holding them (Kornblith 2019)."""
-
-    def __init__(self) -> None:
-        self.n = 0.0
-        self.sx = self.sy = self.xx = self.yy = self.yx = None
-
-    def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        x, y = x.detach().flatten(1).double(), y.detach().flatten(1).double()
-        if self.sx is None:
-            self.sx, self.sy = x.sum(0), y.sum(0)
-            self.xx, self.yy, self.yx = x.T @ x, y.T @ y, y.T @ x
-        else:
-            self.sx += x.sum(0)
-            self.sy += y.sum(0)
-            self.xx += x.T @ x
-            self.yy += y.T @ y
-            self.yx += y.T @ x
-        self.n += x.shape[0]
-
-    def tensors(self) -> list[torch.Tensor]:
-        return [self.sx, self.sy, self.xx, self.yy, self.yx]
-
-    def value(self) -> float:
-        if self.sx is None or self.n < 2:
-            return float("nan")
-        n = self.n
-        # Centred Gram matrices: X_c^T X_c = X^T X - n * mean_x mean_x^T.
-        cxx = self.xx - torch.outer(self.sx, self.sx) / n
-        cyy = self.yy - torch.outer(self.sy, self.sy) / n
-        cyx = self.yx - torch.outer(self.sy, self.sx) / n
-        denom = torch.linalg.matrix_norm(cxx) * torch.linalg.matrix_norm(cyy)
-        if denom == 0:
-            return float("nan")
-        return float((cyx.pow(2).sum() / denom).item())
+def _chunk_grads_torch(zs, zt, labels, g, plan: _LinearPlan, need_s: bool, need_t: bool):
+    """One chunk's per-row terms [7, C] and the gradients of sum(g * rows) w.r.t. its logits (fp32)."""
+    zs32 = _math(zs).detach().requires_grad_(need_s)
+    zt32 = _math(zt).detach().requires_grad_(need_t)
+    needed = frozenset(f for f, wf in zip(_FIELDS, plan.weights) if wf != 0.0)
+    with torch.enable_grad():
+        rows = torch.stack(list(_distill_terms_torch(
+            zs32, zt32, labels, plan.tau, plan.adjust, plan.ignore_index, "none", True, plan.divergence,
+            plan.beta, needed)))
+        rows = torch.where(g[:, None] != 0, rows, 0.0)   # unweighted terms are NaN (not computed)
+        inputs = [x for x in (zs32, zt32) if x.requires_grad]
+        grads = iter(torch.autograd.grad((rows * g[:, None]).sum(), inputs)) if inputs else iter(())
+    return rows.detach(), (next(grads) if need_s else None), (next(grads) if need_t else None)
 
 
-def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
-    """Linear CKA of two feature matrices ``[N, d1]`` and ``[N, d2]`` (Kornblith et al. 2019), in float64.
-
-    ``||Y_c^T X_c||_F^2 / (||X_c^T X_c||_F * ||Y_c^T Y_c||_F)`` with column-centred ``X_c``, ``Y_c``.
-    """
-    if x.shape[0] != y.shape[0]:
-        raise ValueError(f"x and y must have the same number of rows, got {tuple(x.shape)} and {tuple(y.shape)}")
-    stats = _CKAStats()
-    stats.update(x, y)
-    return stats.value()
+def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-row dot product without a [rows, V] temporary."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
 
 
-class ConsistencyMeter:
-    """Teacher/student consistency over a whole evaluation set (PESF-KD appendix A.3).
+def _log_softmax_(x: torch.Tensor, tau: float) -> torch.Tensor:
+    """``x <- log_softmax(x / tau)`` in place; returns the per-row logsumexp of ``x / tau``."""
+    x.div_(tau)
+    lse = torch.logsumexp(x, dim=-1)
+    x.sub_(lse[:, None])
+    return lse
 
-    ``update()`` per batch; ``compute()`` returns ``kl`` (tau = 1, KL(t || s)), ``gap``, ``agreement``
-    (%), ``pl`` (probability loyalty), ``cka_logits`` and ``cka_features``. Sums are accumulated in
-    float64 and all-reduced across ranks when ``torch.distributed`` is initialised.
-    """
 
-    def __init__(self) -> None:
-        self.rows = 0.0
-        self._sums: torch.Tensor | None = None   # kl, gap, agreements, pl: on the device, read once in compute()
-        self._cka_logits = _CKAStats()
-        self._cka_features = _CKAStats()
+def _swap_(x: torch.Tensor, top: torch.Tensor, labels: torch.Tensor) -> None:
+    """Label adjustment in place: entries ``top`` and ``labels`` of each row trade places."""
+    top, labels = top[:, None], labels[:, None]
+    at_top, at_label = x.gather(1, top), x.gather(1, labels)
+    x.scatter_(1, top, at_label).scatter_(1, labels, at_top)
 
-    @torch.no_grad()
-    def update(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-               student_features: torch.Tensor | None = None,
-               teacher_features: torch.Tensor | None = None) -> None:
-        _check_pair("student_logits", student_logits, "teacher_logits", teacher_logits)
-        s, t = student_logits.detach(), teacher_logits.detach()
-        self.rows += s.shape[0]
-        sums = torch.stack([kl_div(t, s, 1.0, reduction="sum").double(), sharpness_gap(t, s).double().sum(),
-                            (s.argmax(1) == t.argmax(1)).sum().double(), _loyalty_rows(t, s).double().sum()])
-        self._sums = sums if self._sums is None else self._sums + sums
-        self._cka_logits.update(s, t)
-        if student_features is not None and teacher_features is not None:
-            self._cka_features.update(student_features, teacher_features)
 
-    def compute(self) -> dict[str, float]:
-        scalars = [self.rows, *(self._sums.tolist() if self._sums is not None else [0.0] * 4)]
-        stats = [self._cka_logits, self._cka_features]
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            scalars, stats = self._all_reduce(scalars, stats)
-        rows, kl, gap, agree, pl = scalars
-        n = max(rows, 1.0)
-        return {"kl": kl / n, "gap": gap / n, "agreement": 100.0 * agree / n, "pl": pl / n,
-                "cka_logits": stats[0].value(), "cka_features": stats[1].value()}
+def _chunk_grads_forward_kl(zs, zt, labels, g, plan: _LinearPlan, need_s: bool, need_t: bool):
+    """Forward KL with detached targets, the kernel's closed-form gradients in torch:
+    d kl_ts / d s = tau (p_s - adj(p_t)), d ce_s / d s = softmax(s) - onehot(y) (teacher alike).
+    The logit chunks become their log-probabilities in place, so a chunk holds ~6 [rows, V] buffers
+    instead of the autograd path's ~17 (3x larger chunks, 3x fewer passes over the LM heads)."""
+    tau, (w_kts, w_kst, w_ces, w_cet) = plan.tau, plan.weights[:4]
+    labels = labels.long()
+    valid = labels != plan.ignore_index
+    y = torch.where(valid, labels, 0)
+    s, t = zs.to(g.dtype), zt.to(g.dtype)    # the caller's fresh GEMM outputs: ours to overwrite
+    del zs, zt
+    rows = torch.zeros((len(_FIELDS), s.shape[0]), dtype=g.dtype, device=s.device)
+    top_s, top_t = s.argmax(dim=1), t.argmax(dim=1)
+    lse1_s = torch.logsumexp(s, dim=1) if w_ces else None
+    lse1_t = torch.logsumexp(t, dim=1) if w_cet else None
+    if w_ces:
+        rows[2] = lse1_s - s.gather(1, y[:, None]).squeeze(1)
+    if w_cet:
+        rows[3] = lse1_t - t.gather(1, y[:, None]).squeeze(1)
+    ls, lt = _log_softmax_(s, tau), _log_softmax_(t, tau)     # s, t now hold log p_s, log p_t
+    grads = []
+    # (learner log-probs, its lse at 1/tau, its tau = 1 lse, target log-probs, target argmax, weights, needed)
+    for k, (log_l, l_lse, lse1, log_tg, top_tg, w_kl, g_kl, g_ce, need) in enumerate((
+            (s, ls, lse1_s, t, top_t, w_kts, g[0], g[2], need_s),
+            (t, lt, lse1_t, s, top_s, w_kst, g[1], g[3], need_t))):
+        grad = None
+        if w_kl:
+            q = log_tg.exp()
+            neg_entropy = _row_dot(q, log_tg)          # the same for adj(q): a permutation
+            if plan.adjust:
+                _swap_(q, top_tg, y)
+            rows[k] = tau * tau * (neg_entropy - _row_dot(q, log_l))
+            if need:
+                grad = log_l.exp().sub_(q).mul_(tau * g_kl)
+            del q
+        if need and (w_ces if k == 0 else w_cet):
+            # softmax at tau = 1 from the log-probs at 1/tau: z = tau (log p + lse)
+            p1 = (log_l * tau).add_((tau * l_lse - lse1)[:, None]).exp_().mul_(g_ce)
+            grad = p1 if grad is None else grad.add_(p1)
+            grad.scatter_add_(1, y[:, None], (-g_ce).expand(y.shape[0], 1).to(grad.dtype))
+            del p1
+        if grad is not None:
+            grad.mul_(valid[:, None])
+        grads.append(grad)
+    rows = rows * valid
+    return rows, grads[0], grads[1]
+
+
+def _chunk_grads_kernel(zs, zt, labels, g, plan: _LinearPlan, need_s: bool, need_t: bool):
+    """The fused kernel in gradient-in-forward mode: the chunk's logits read once, gradients written once."""
+    out = _try_kernel(plan.strict, lambda: _launch_fwd(zs, zt, labels, plan.tau, plan.adjust, plan.ignore_index,
+                                                       grad=(g, True, need_s, need_t)))
+    if out is None:   # backend="auto" and the kernel failed: warned once, the torch math from now on
+        return _chunk_grads_torch(zs, zt, labels, g, plan, need_s, need_t)
+    rows, _, ds, dt = out
+    return rows, (ds if need_s else None), (dt if need_t else None)
+
+
+def _gemm_in_input_dtype(x: torch.Tensor) -> bool:
+    """Weight gradients of 16-bit inputs: on a GPU a bf16/fp16 GEMM (fp32 accumulation inside cuBLAS) is
+    ~10x faster than an fp32 one, so each chunk's product is formed in the input dtype and added to the
+    fp32 accumulator; on a CPU the GEMM runs in fp32 into the accumulator, with no [V, H] temporary.
+    (A seam: CPU tests force the GPU choice.)"""
+    return x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+
+
+def _add_matmul_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` accumulated in ``acc``'s (fp32/fp64) precision."""
+    if _gemm_in_input_dtype(b):
+        acc.add_(a.to(b.dtype) @ b)
+    else:
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+
+
+class _DistillLinear(torch.autograd.Function):
+    """Chunk by chunk: logits = h W^T (+ b), the terms and their logit gradients, then the hidden and
+    weight gradients; everything is computed in the forward (the weights of the loss are known) and
+    the backward only scales the saved [N, H] / [V, H] gradients by the incoming gradient."""
 
     @staticmethod
-    def _all_reduce(scalars: list[float], stats: list[_CKAStats]):
-        import torch.distributed as dist
-        backend_device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-        device = torch.device(backend_device, torch.cuda.current_device()) if backend_device == "cuda" else "cpu"
-        packed = torch.tensor(scalars, dtype=torch.float64, device=device)
-        dist.all_reduce(packed)
-        reduced = []
-        for st in stats:
-            has = torch.tensor([0.0 if st.sx is None else 1.0], dtype=torch.float64, device=device)
-            dist.all_reduce(has, op=dist.ReduceOp.MIN)
-            out = _CKAStats()
-            if has.item() == 1.0:
-                # copy=True: all_reduce is in place and must not change this rank's own sums
-                parts = [p.to(device, copy=True) for p in st.tensors()]
-                parts.append(torch.tensor([st.n], dtype=torch.float64, device=device))
-                for p in parts:
-                    dist.all_reduce(p)
-                out.sx, out.sy, out.xx, out.yy, out.yx = (p.cpu() for p in parts[:5])
-                out.n = float(parts[5].item())
-            reduced.append(out)
-        return packed.tolist(), reduced
+    def forward(ctx, hs, ws, bs, ht, wt, bt, labels, plan: _LinearPlan):
+        need = [ctx.needs_input_grad[i] for i in range(6)]
+        acc = torch.float64 if hs.dtype == torch.float64 else torch.float32
+        w = _weight_tensor(plan.weights, hs.device, acc)
+        g = w / _count_valid(labels, plan.ignore_index).to(acc) if plan.reduction == "mean" else w
+        need_s = any(need[:3]) and any(plan.weights[_FIELDS.index(f)] for f in _STUDENT_TERMS)
+        need_t = any(need[3:]) and any(plan.weights[_FIELDS.index(f)] for f in _TEACHER_TERMS)
+        grad_hs = torch.zeros_like(hs) if need[0] and need_s else None
+        grad_ht = torch.zeros_like(ht) if need[3] and need_t else None
+        grad_ws = torch.zeros(ws.shape, dtype=acc, device=ws.device) if need[1] and need_s else None
+        grad_wt = torch.zeros(wt.shape, dtype=acc, device=wt.device) if need[4] and need_t else None
+        grad_bs = torch.zeros(ws.shape[0], dtype=acc, device=ws.device) if need[2] and need_s else None
+        grad_bt = torch.zeros(wt.shape[0], dtype=acc, device=wt.device) if need[5] and need_t else None
+        loss = torch.zeros((), dtype=acc, device=hs.device)
+        chunk_grads = _chunk_grads_kernel if plan.kernel else \
+            _chunk_grads_forward_kl if plan.divergence == "forward" else _chunk_grads_torch
+        for start in range(0, hs.shape[0], plan.chunk):
+            rows_slice = slice(start, start + plan.chunk)
+            hs_c, ht_c, y_c = hs[rows_slice], ht[rows_slice], labels[rows_slice]
+            # The logit chunks are handed over (no reference kept here): the torch path overwrites them.
+            rows, dzs, dzt = chunk_grads(F.linear(hs_c, ws, bs), F.linear(ht_c, wt, bt), y_c, g, plan,
+                                         need_s, need_t)
+            loss = loss + (rows * g[:, None].to(rows.dtype)).sum()
+            for dz, h_c, wgt, grad_h, grad_w, grad_b in ((dzs, hs_c, ws, grad_hs, grad_ws, grad_bs),
+                                                         (dzt, ht_c, wt, grad_ht, grad_wt, grad_bt)):
+                if dz is None:
+                    continue
+                if grad_w is not None:
+                    _add_matmul_(grad_w, dz.t(), h_c)
+                dz = dz.to(h_c.dtype)
+                if grad_h is not None:
+                    grad_h[rows_slice] = dz @ wgt
+                if grad_b is not None:
+                    grad_b += dz.sum(dim=0, dtype=acc)
+        ctx.grads = [grad_hs, grad_ws, grad_bs, grad_ht, grad_wt, grad_bt]
+        ctx.dtypes = [hs.dtype, ws.dtype, None if bs is None else bs.dtype,
+                      ht.dtype, wt.dtype, None if bt is None else bt.dtype]
+        return loss
 
-
-# ----------------------------------------------------------------------------------------------
-# Adapters (PESF-KD sec. 3.2, Table 14). Each starts as the identity on the teacher it adapts.
-# ----------------------------------------------------------------------------------------------
-def _residual_sum(h: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    """``h + delta``, in fp32 under autocast: a bf16 sum rounds an adapter offset below ~4e-3 of O(1)
-    features away, and a freshly initialised adapter (lr 1e-4) moves by far less than that."""
-    if torch.is_autocast_enabled(h.device.type):
-        return h.float() + delta.float()
-    return h + delta
-
-
-def _projection(in_dim: int, out_dim: int, conv: bool) -> nn.Module:
-    return nn.Conv2d(in_dim, out_dim, kernel_size=1) if conv else nn.Linear(in_dim, out_dim)
-
-
-class Adapter(nn.Module):
-    """Houlsby et al. (2019) bottleneck adapter: ``h + f(h W_down) W_up`` with ``f = ReLU``.
-
-    ``W_up`` and its bias start at zero, so the adapted teacher starts identical to the pretrained
-    one; the same computation runs in training and evaluation. ``conv=True`` applies it to the
-    channels of an ``[N, C, H, W]`` map with 1x1 convolutions (the CNN ``stages`` slot).
-    """
-
-    def __init__(self, dim: int, bottleneck: int = 32, conv: bool = False) -> None:
-        super().__init__()
-        self.down = _projection(dim, bottleneck, conv)
-        self.up = _projection(bottleneck, dim, conv)
-        nn.init.zeros_(self.up.weight)
-        nn.init.zeros_(self.up.bias)
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return _residual_sum(h, self.up(F.relu(self.down(h))))
-
-
-class ParallelAdapter(nn.Module):
-    """Scaled parallel adapter of He et al. (2022): ``sublayer(x) + s * f(x W_down) W_up``.
-
-    Wraps ``sublayer`` (whose input has ``in_dim`` features and output ``out_dim``); with
-    ``sublayer=None`` it runs parallel to the identity (``in_dim == out_dim``). Zero-initialised
-    ``W_up``, so it starts as the sublayer.
-    """
-
-    def __init__(self, in_dim: int, out_dim: int | None = None, bottleneck: int = 32, scale: float = 4.0,
-                 sublayer: nn.Module | None = None, conv: bool = False) -> None:
-        super().__init__()
-        out_dim = in_dim if out_dim is None else out_dim
-        if sublayer is None and out_dim != in_dim:
-            raise ValueError(f"without a sublayer in_dim and out_dim must match, got {in_dim} and {out_dim}")
-        self.sublayer = sublayer if sublayer is not None else nn.Identity()
-        self.scale = scale
-        self.down = _projection(in_dim, bottleneck, conv)
-        self.up = _projection(bottleneck, out_dim, conv)
-        nn.init.zeros_(self.up.weight)
-        nn.init.zeros_(self.up.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _residual_sum(self.sublayer(x), self.scale * self.up(F.relu(self.down(x))))
-
-
-class LoRALinear(nn.Module):
-    """LoRA of Hu et al. (2022): ``base(x) + (alpha / r) * x A^T B^T`` with ``B`` zero-initialised.
-
-    Wraps an existing ``nn.Linear``; only ``A`` and ``B`` are meant to be trained (the model's
-    ``freeze_backbone`` freezes ``base``).
-    """
-
-    def __init__(self, base: nn.Linear, rank: int = 8, alpha: float | None = None) -> None:
-        super().__init__()
-        if rank < 1:
-            raise ValueError(f"rank must be >= 1, got {rank}")
-        self.base = base
-        self.rank = rank
-        self.scaling = (alpha if alpha is not None else rank) / rank
-        self.lora_a = nn.Parameter(torch.empty(rank, base.in_features))
-        self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank))
-        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base.bias
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _residual_sum(self.base(x), F.linear(F.linear(x, self.lora_a), self.lora_b) * self.scaling)
+    @staticmethod
+    def backward(ctx, g_loss):
+        # Scaled in place and handed over (autograd then keeps the tensor as .grad, no copy): the
+        # gradients exist once, so this backward runs once.
+        if ctx.grads is None:
+            raise RuntimeError("distill_linear's backward runs once (its gradients are made in the forward); "
+                               "call distill_linear again instead of retain_graph=True")
+        grads, ctx.grads = ctx.grads, None
+        out = [None if grad is None else grad.mul_(g_loss).to(dtype) for grad, dtype in zip(grads, ctx.dtypes)]
+        return (*out, None, None)

@@ -160,7 +160,7 @@ class PESFDistiller(_WithFeatureTerm):
         teacher_terms = kd_core.distill_terms(s, t, y, tau, adjust=adjust, detach_targets=True,
                                               backend=self.cfg.backend) if unadapted else terms
         if self.cfg.teacher_kl == "official":
-            teacher_kl = kd_core.kl_div(t, (kd_core.label_adjust(s, y) if adjust else s).detach(), tau)
+            teacher_kl = kd_core.kl_div((kd_core.label_adjust(s, y) if adjust else s).detach(), t, tau)
         else:
             teacher_kl = teacher_terms.kl_st
         losses = {"kl": self.cfg.alpha * terms.kl_ts, "ce": self.ce_weight() * terms.ce_s,
@@ -202,5 +202,5 @@ class KDCLDistiller(Distiller):
         s = self.student(x)
         e = min_logit_ensemble([s.detach(), t.detach()], y)
         tau = self.cfg.tau
-        return s, {"ce": F.cross_entropy(s.float(), y), "kl": kd_core.kl_div(e, s, tau),
-                   "teacher_ce": F.cross_entropy(t.float(), y), "teacher_kl": kd_core.kl_div(e, t, tau)}
+        return s, {"ce": F.cross_entropy(s.float(), y), "kl": kd_core.kl_div(s, e, tau),
+                   "teacher_ce": F.cross_entropy(t.float(), y), "teacher_kl": kd_core.kl_div(t, e, tau)}

@@ -138,7 +138,7 @@ def sftn_teacher_loss(t: torch.Tensor, branches: list[torch.Tensor], y: torch.Te
     """SFTN eq. 3: ``CE(t, y) + w_ce sum_i CE(b_i, y) + w_kl sum_i KL_tau(b_i || t)``, gradients to both."""
     return {"teacher_ce": F.cross_entropy(t.float(), y),
             "branch_ce": w_ce * sum(F.cross_entropy(b.float(), y) for b in branches),
-            "branch_kl": w_kl * sum(kd_core.kl_div(b, t, tau) for b in branches)}
+            "branch_kl": w_kl * sum(kd_core.kl_div(t, b, tau) for b in branches)}
 
 
 class SFTNTeacherDistiller(Distiller):

@@ -47,7 +47,9 @@ class Target:
 
 
 TARGETS = (Target("sm_90", 90, 132, 232448), Target("sm_80", 80, 108, 166912))
-SHAPES = ((64, 100), (256, 1000), (8192, 32768), (4096, 131072), (1, 262144))
+# The last two: distill_linear's chunks of bf16 tokens at its default GPU memory budget (1 GiB) for
+# Llama-3's 128,256 and a 32,000 vocabulary.
+SHAPES = ((64, 100), (256, 1000), (8192, 32768), (4096, 131072), (1, 262144), (697, 128256), (2796, 32000))
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_REGISTERS = 255
 # (path, adjust, detach, need_ds, need_dt): the forward of distill_terms, its backward and the
@@ -57,7 +59,8 @@ MAX_REGISTERS = 255
 VARIANTS = ([("fwd", adjust, False, False, False) for adjust in (True, False)]
             + [(path, adjust, detach, True, True) for path in ("bwd", "gif") for adjust in (True, False)
                for detach in (True, False)]
-            + [(path, True, True, ds, dt) for path in ("bwd", "gif") for ds, dt in ((True, False), (False, True))])
+            + [(path, True, True, ds, dt) for path in ("bwd", "gif") for ds, dt in ((True, False), (False, True))]
+            + [("rescale", False, False, True, False)])
 # CI: the launches that spilled or sat at 254-255 registers before the fixes (the full set found the
 # 256x1000 fp16 one with detached targets), plus every kernel and path at least once (split-K
 # forward + merge + its backward, the large-K backward, fp32 and 16-bit).
@@ -69,6 +72,10 @@ CI_CASES = (
     ("sm_90", (256, 1000), torch.float16, ("gif", True, True, True, True)),
     ("sm_80", (8192, 32768), torch.float32, ("gif", True, False, True, True)),
     ("sm_80", (8192, 32768), torch.bfloat16, ("gif", True, False, True, True)),
+    ("sm_90", (697, 128256), torch.bfloat16, ("gif", False, True, True, True)),   # distill_linear, PESF
+    ("sm_90", (2796, 32000), torch.bfloat16, ("gif", False, True, True, False)),  # distill_linear, plain KD
+    ("sm_90", (8192, 32768), torch.bfloat16, ("rescale", False, False, True, False)),
+    ("sm_80", (64, 100), torch.float32, ("rescale", False, False, True, False)),
 )
 
 
@@ -97,7 +104,7 @@ def _recording(n_sm: int):
         raise RuntimeError("triton is not importable; the AOT check needs it")
     calls: list[Launch] = []
     saved = kd_core._TRITON, kd_core._sm_count
-    kd_core._TRITON = {**kernels, **{k: _Recorder(k, kernels[k], calls) for k in ("fwd", "merge", "bwd")}}
+    kd_core._TRITON = {**kernels, **{k: _Recorder(k, kernels[k], calls) for k in ("fwd", "merge", "bwd", "rescale")}}
     kd_core._sm_count = lambda device: n_sm
     try:
         yield calls
@@ -127,6 +134,8 @@ def record_call(s: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, n_sm: in
         with _recording(n_sm) as calls:
             if path == "fwd":
                 kd_core._launch_fwd(s, t, labels, 4.0, adjust, kd_core.IGNORE_INDEX)
+            elif path == "rescale":   # distill_loss's backward scaling its gradient buffers on the device
+                kd_core._launch_rescale(s, torch.empty((), device="meta"), torch.empty((), device="meta"))
             elif path == "bwd":
                 stats = torch.empty(kd_core._N_STATS, n, device="meta")
                 grad_rows = torch.empty(7, n, device="meta")
@@ -174,7 +183,7 @@ _FLAGS = ("ADJUST", "DETACH", "SPLIT", "GRAD", "WRITE_DS", "WRITE_DT", "OFF64")
 
 def _describe(launch: Launch, options) -> str:
     kw = launch.kwargs
-    shape = f"{kw['ROWS']}x{kw['BLOCK_K']}" if "BLOCK_K" in kw else f"{kw['ROWS']}"
+    shape = f"{kw['ROWS']}x{kw['BLOCK_K']}" if "BLOCK_K" in kw else f"{kw.get('ROWS', kw.get('BLOCK'))}"
     flags = [f.lower() for f in _FLAGS if kw.get(f)]
     return " ".join([shape, f"w{options.num_warps}", *flags])
 
@@ -219,7 +228,7 @@ class AotCompiler:
         if key in self.results:
             self.results[key].used_by.append(used_by)
             return self.results[key]
-        dtype = signature["s_ptr"].lstrip("*")
+        dtype = next(v for name, v in signature.items() if name.endswith("_ptr")).lstrip("*")
         result = Compiled(launch.kernel, _describe(launch, options), dtype, target.name, used_by=[used_by])
         log = io.StringIO()
         start = time.perf_counter()

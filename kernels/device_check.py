@@ -12,6 +12,8 @@ a slow or hung step costs its own result and never the report (``STEPS``, in ord
    reference, on the GPU case set (``KD_KERNEL_CASE_SET=gpu``: every launch family, dtype and kernel flag
    once, 60 cases instead of 240);
 2. ``kernels/bench_kd.py --quick`` (the issue-3 small-shape targets), each row written when measured;
+   then ``kernels/bench_lm.py``: ``kd_core.distill_linear`` against naive torch, Liger and orda-kernel
+   at 8192 tokens x 4096 hidden, vocabularies 128,256 and 32,000, bf16 (issue 24);
 3. ``train_cifar.py --benchmark-steps`` for kd, pesf and dml (resnet56 -> resnet20, batch 64), eager and
    with the whole step in a CUDA graph (issue 5: pesf <= 3.5 ms, pesf/kd <= 1.10, dml/kd about 2.3);
 4. ``train_cifar.py --benchmark-steps --seeds`` for pesf: aggregate images/s of 1, 2, 4 and 8 runs at once in
@@ -296,9 +298,21 @@ def imagenet_input(ctx: Context) -> tuple[str, list[str]]:
     return "ok", lines
 
 
+def lm_bench(ctx: Context) -> tuple[str, list[str]]:
+    """kd_core.distill_linear against naive torch, Liger's and orda-kernel's Triton paths at the LM shapes
+    (8192 tokens x 4096 hidden, vocabularies 128,256 and 32,000, bf16); a tiny shape on CPU."""
+    table = ctx.out / "bench_lm.md"
+    shapes = [] if ctx.cuda else ["--shapes", "64x16x500", "--reps", "1"]
+    status = run_logged([ctx.py, "kernels/bench_lm.py", "--device", "cuda" if ctx.cuda else "cpu", *shapes,
+                         "--json", str(ctx.out / "bench_lm.json"), "--markdown", str(table)], 150, ctx.budget,
+                        ctx.log, ctx.env)
+    return status, (table.read_text().splitlines() if table.is_file() else [])
+
+
 STEPS = [
     Step("kernel_tests", "Kernel tests", 30, kernel_tests),
     Step("bench_quick", "Fused kernel, small shapes", 30, bench_quick),
+    Step("bench_lm", "distill_linear at language-model scale", 60, lm_bench),
     Step("train_steps", "Training step, batch 64", 100, train_steps),
     Step("concurrent", "Concurrent pesf runs in one process, batch 64 each", 60, concurrent_runs),
     Step("imagenet_input", "ImageNet input: decode paths and the training step", 60, imagenet_input),

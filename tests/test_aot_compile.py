@@ -37,7 +37,7 @@ def test_kernels_compile_for_gpu_targets_without_spills():
             if line.startswith("| ") and not line.startswith("| kernel")]
     assert rows, proc.stdout
     # Every kernel (split-K merge included) was derived from the launchers and compiled for both targets.
-    assert {r[0] for r in rows} == {"fwd", "merge", "bwd"}
+    assert {r[0] for r in rows} == {"fwd", "merge", "bwd", "rescale"}
     assert {r[3] for r in rows} == {"sm_90", "sm_80"}
     assert {r[2] for r in rows} >= {"fp32", "bf16", "fp16"}
     for kernel, config, dtype, target, registers, spills, shared, _ in rows:

@@ -40,6 +40,8 @@ def test_device_check_runs_every_step_and_writes_the_report(tmp_path, capsys):
     assert data["files"] == 6 and [r["decode"] for r in data["results"]] == ["gpu"]
     assert "| gpu |" in report and "training step (pesf, resnet18 -> resnet18, batch 2):" in report
     assert "gpu decode:" in report and "x the step's rate" in report
+    lm = json.loads((out / "bench_lm.json").read_text())
+    assert {r["variant"] for r in lm["results"]} >= {"naive", "kd_core"} and "at language-model scale: ok" in report
 
 
 class FakeClock:

@@ -59,9 +59,9 @@ def test_auto_backend_falls_back_to_torch_once_when_the_kernel_fails(kernel_on_c
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             if api == "distill_loss":
-                loss, _ = kd_core.distill_loss(s, t, y, TAU, {"kl_ts": 0.9, "ce_s": 0.1}, backend="auto")
+                loss, _ = kd_core.distill_loss(s, t, y, TAU, {"kl_ts": 0.9, "ce_s": 0.1}, adjust=True, backend="auto")
             else:
-                terms = kd_core.distill_terms(s, t, y, TAU, backend="auto")
+                terms = kd_core.distill_terms(s, t, y, TAU, adjust=True, backend="auto")
                 loss = 0.9 * terms.kl_ts + 0.1 * terms.ce_s
             loss.backward()
         mine = [w for w in caught
@@ -82,7 +82,7 @@ def test_auto_backend_falls_back_to_torch_once_when_the_kernel_fails(kernel_on_c
 def test_auto_backend_falls_back_when_the_backward_kernel_fails(kernel_on_cpu, monkeypatch):
     calls = inject(monkeypatch, "_launch_bwd")
     s, t, y = logits(seed=3)
-    terms = kd_core.distill_terms(s, t, y, TAU, backend="auto")   # the forward kernel runs
+    terms = kd_core.distill_terms(s, t, y, TAU, adjust=True, backend="auto")   # the forward kernel runs
     with pytest.warns(RuntimeWarning, match="Triton kernel failed"):
         (0.9 * terms.kl_ts + 0.1 * terms.ce_s).backward()
     s64 = s.detach().double().requires_grad_()

@@ -237,7 +237,7 @@ def test_read_only_run_folder(run_copy, fake_cifar, capsys):
 
 def test_a_diverged_run_without_a_checkpoint_says_so(fake_cifar, tmp_path, capsys, monkeypatch):
     original = engine.TrainStep.__call__
-    monkeypatch.setattr(engine.TrainStep, "__call__", lambda *a: original(*a) * float("nan"))
+    monkeypatch.setattr(engine.TrainStep, "__call__", lambda *a, **kw: original(*a, **kw) * float("nan"))
     rc, err = cifar_main(capsys, "--method", "ce", *TINY, "--data-dir", str(fake_cifar), "--out", str(tmp_path / "r"))
     one_line_error(rc, err, "non-finite loss (", "in epoch 1 by step 2; no checkpoint was written yet")
 
@@ -380,7 +380,7 @@ def test_init_stage_stops_on_a_non_finite_loss(fake_cifar, teacher_ckpt, tmp_pat
 
 def test_ctrl_c_is_one_line_naming_the_last_checkpoint(run_copy, fake_cifar, capsys, monkeypatch):
     """Ctrl-C raises KeyboardInterrupt in the main thread; here it comes from inside the second epoch's step."""
-    def interrupted(self, x, y, index):
+    def interrupted(self, x, y, index, **kwargs):
         raise KeyboardInterrupt
     monkeypatch.setattr(engine.TrainStep, "__call__", interrupted)
     before = digest(run_copy / "last.pt")

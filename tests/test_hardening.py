@@ -109,11 +109,11 @@ def kill_at(monkeypatch, step: int) -> None:
     calls = {"n": 0}
     original = engine.TrainStep.__call__
 
-    def step_or_die(self, x, y, index):
+    def step_or_die(self, x, y, index, **kwargs):
         calls["n"] += 1
         if calls["n"] == step:
             raise Killed
-        return original(self, x, y, index)
+        return original(self, x, y, index, **kwargs)
     monkeypatch.setattr(engine.TrainStep, "__call__", step_or_die)
 
 

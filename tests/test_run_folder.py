@@ -72,11 +72,11 @@ def stop_at(monkeypatch, call: int, signum: int) -> None:
     calls = {"n": 0}
     original = engine.TrainStep.__call__
 
-    def step(self, x, y, index):
+    def step(self, x, y, index, **kwargs):
         calls["n"] += 1
         if calls["n"] == call:
             runfolder.request_stop(signum)
-        return original(self, x, y, index)
+        return original(self, x, y, index, **kwargs)
     monkeypatch.setattr(engine.TrainStep, "__call__", step)
 
 
@@ -135,9 +135,9 @@ def test_the_lock_is_held_for_every_stage_and_released_after_the_run(fake_cifar,
         finally:
             os.close(fd)
 
-    def step(self, x, y, index):
+    def step(self, x, y, index, **kwargs):
         seen.append((locked(out), locked(out / "assistant")))
-        return original(self, x, y, index)
+        return original(self, x, y, index, **kwargs)
     monkeypatch.setattr(engine.TrainStep, "__call__", step)
     rc, _, err = cifar_main(capsys, "--method", "takd", "--teacher", "resnet8", "--student", "resnet8", "--set",
                             "assistant=resnet8", "--teacher-ckpt", str(teacher_ckpt), "--epochs", "1",

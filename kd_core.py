@@ -134,11 +134,7 @@ def distill_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, la
     ``"torch"``, ``"triton"`` (CUDA tensors) or ``"auto"`` (Triton for CUDA tensors when it imports).
     """
     batch = _batch(student_logits, teacher_logits, labels, mask, ignore_index, adjust, tau)
-    _check_divergence(divergence, beta)
-    if reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    if backend not in ("auto", "torch", "triton"):
-        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+    _check_options(divergence, beta, reduction, backend)
     if divergence == "forward" and (backend == "triton" or (backend == "auto" and _auto_uses_kernel(batch.s))):
         terms = _distill_terms_triton(batch.s, batch.t, batch.labels, float(tau), adjust, ignore_index,
                                       reduction, detach_targets, strict=backend == "triton")
@@ -166,11 +162,7 @@ def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, lab
     as in ``distill_terms``.
     """
     batch = _batch(student_logits, teacher_logits, labels, mask, ignore_index, adjust, tau)
-    _check_divergence(divergence, beta)
-    if reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    if backend not in ("auto", "torch", "triton"):
-        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+    _check_options(divergence, beta, reduction, backend)
     unknown = set(weights) - set(_FIELDS)
     if unknown:
         raise ValueError(f"weights keys must be among {_FIELDS}, got {sorted(unknown)}")
@@ -572,6 +564,15 @@ def _check_labels(labels: torch.Tensor, n: int, k: int, ignore_index: int, logit
         first = labels[bad][0].item()
         raise ValueError(f"labels must lie in [0, {k}) or equal ignore_index={ignore_index}; "
                          f"found {first} (logits shape {tuple(logits_shape)})") from None
+
+
+def _check_options(divergence: str, beta: float, reduction: str, backend: str) -> None:
+    """The options distill_terms and distill_loss share."""
+    _check_divergence(divergence, beta)
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
 
 
 def _check_divergence(divergence: str, beta: float) -> None:

@@ -25,6 +25,16 @@ def load_script(relative_path: str):
     return module
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module: on the shared 2-core machine two threads spin against each other
+    and make small layers many times slower (``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 SHARED_DATA = Path(os.environ.get("PESF_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
 

@@ -138,6 +138,10 @@ def test_teacher_checkpoint_that_is_not_one(kind, tmp_path, fake_cifar, capsys):
     (["--set", "log_every=0"], "log_every must be at least 1, got 0"),
     (["--set", "eval_every=0"], "eval_every must be at least 1, got 0"),
     (["--set", "teacher_bn=training"], "teacher_bn must be eval or train, got 'training'"),
+    (["--set", "grad_accum_reset=batch"], "grad_accum_reset must be run or epoch, got 'batch'"),
+    (["--set", "sftn_teacher_init=random"], "sftn_teacher_init must be scratch or checkpoint, got 'random'"),
+    (["--set", "w_ce=-1"], "w_ce"),
+    (["--set", "deterministic=maybe"], "deterministic"),
     (["--set", "epochs=[1,"], "--set epochs=[1,: not a YAML value (line 1, column 4: "),
     (["--epochs", "1", "--overwrite"], "--resume continues a run and --overwrite deletes it"),
 ])

@@ -25,12 +25,7 @@ TINY = ["--method", "ce", "--teacher", "resnet8", "--student", "resnet8", "--bat
 TIMES = {"epoch_time_s", "batch_time_ms"}   # wall-clock values: the only ones allowed to differ
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()   # the shared 2-core machine: one intra-op thread is much faster
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def folder_digest(folder: Path) -> dict:

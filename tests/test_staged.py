@@ -25,12 +25,7 @@ SMALL_GLUE = dict(task="rte", epochs=1, batch_size=8, eval_batch_size=8, max_len
                   train_subset=64, student_layers=[0, 2, 4], assistant_layers=[0, 1, 2, 4], log_every=1)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()   # the shared 2-core machine: one intra-op thread is much faster
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def kl64(target: torch.Tensor, learner: torch.Tensor, tau: float) -> torch.Tensor:

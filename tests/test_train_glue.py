@@ -21,14 +21,7 @@ SMALL = dict(epochs=1, batch_size=8, eval_batch_size=8, max_length=32, limit_bat
              train_subset=64, student_layers=[0, 2], log_every=1)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # This shared 2-core machine is oversubscribed: two intra-op threads spin against each other and make
-    # a small linear layer ~20x slower than one thread does.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -130,7 +130,7 @@ class FTKDDistiller(Distiller):
                   "teacher_ce": self.cfg.w_tce * terms.ce_t}
         if official:
             student_target = (kd_core.label_adjust(s, y) if adjust else s).detach()
-            losses["teacher_kl"] = self.teacher_kl_weight() * kd_core.kl_div(t, student_target, self.cfg.tau)
+            losses["teacher_kl"] = self.teacher_kl_weight() * kd_core.kl_div(student_target, t, self.cfg.tau)
         return s, losses
 
 

@@ -312,10 +312,12 @@ def lm_bench(ctx: Context) -> tuple[str, list[str]]:
 STEPS = [
     Step("kernel_tests", "Kernel tests", 30, kernel_tests),
     Step("bench_quick", "Fused kernel, small shapes", 30, bench_quick),
-    Step("bench_lm", "distill_linear at language-model scale", 60, lm_bench),
+    # ~10 s of imports (Liger, orda-kernel) + 2 vocabularies x 4 variants x a few ms-scale reps
+    Step("bench_lm", "distill_linear at language-model scale", 30, lm_bench),
     Step("train_steps", "Training step, batch 64", 100, train_steps),
     Step("concurrent", "Concurrent pesf runs in one process, batch 64 each", 60, concurrent_runs),
-    Step("imagenet_input", "ImageNet input: decode paths and the training step", 60, imagenet_input),
+    # 200 photos and 3 CPU rounds of 3 paths (~15 s) + a resnet50 -> resnet18 benchmark process (~30 s)
+    Step("imagenet_input", "ImageNet input: decode paths and the training step", 45, imagenet_input),
     Step("bench_tune", "Launch configurations tried per shape", 40, bench_tune),
     Step("bench_full", "Fused kernel, large shapes", 60, bench_full),
 ]

@@ -119,7 +119,7 @@ MUTANTS = [
            "adjust=adjust, detach_targets=False,", [FIDELITY],
            "ftkd_official's student KL still trains the teacher (the authors' target goes through numpy)"),
     Mutant("ftkd-official-kl-direction", "distillers/logit.py",
-           "kd_core.kl_div(t, student_target, self.cfg.tau)", "kd_core.kl_div(student_target, t, self.cfg.tau)",
+           "kd_core.kl_div(student_target, t, self.cfg.tau)", "kd_core.kl_div(t, student_target, self.cfg.tau)",
            [FIDELITY], "ftkd_official's teacher KL with target and learner swapped"),
     Mutant("ftkd-official-unadjusted", "distillers/logit.py",
            "student_target = (kd_core.label_adjust(s, y) if adjust else s).detach()",

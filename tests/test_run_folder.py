@@ -83,12 +83,13 @@ def test_a_second_process_is_refused_and_sigterm_saves_a_checkpoint_that_resumes
     """A real training process holds the folder: a second one (this test's process) is refused with its pid;
     SIGTERM makes it finish its step, save mid-epoch, print the resume command and exit 143."""
     out = tmp_path / "run"
-    argv = [*TINY, "--epochs", "2", "--data-dir", str(fake_cifar), "--out", str(out)]
+    # 6 epochs of 10 steps: the run is still training when the signal comes, however loaded the machine
+    argv = [*TINY, "--epochs", "6", "--data-dir", str(fake_cifar), "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     first = subprocess.Popen([sys.executable, "train_cifar.py", *argv], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
-    for line in first.stdout:   # wait until it trains (10 steps per epoch)
-        if line.startswith("epoch 1/2 [2/10]"):
+    for line in first.stdout:   # wait until it trains
+        if line.startswith("epoch 1/6 [2/10]"):
             break
     rc, _, err = cifar_main(capsys, *argv)
     assert rc == 2 and one_line(err) == (f"error: {out} is in use by pid {first.pid} on {socket.gethostname()}: one "
@@ -100,7 +101,9 @@ def test_a_second_process_is_refused_and_sigterm_saves_a_checkpoint_that_resumes
     assert first.returncode == 143 and line.startswith("stopped: SIGTERM in epoch 1 after step "), (rest, err)
     assert line.endswith(f"saved {out / 'last.pt'}; continue with: python train_cifar.py {' '.join(argv)} --resume")
     saved = torch.load(out / "last.pt", weights_only=True)
-    assert saved["epoch"] == 0 and 2 <= saved["step"] < 10 and not (out / ".lock").exists()
+    # one process stops after the step it is in, wherever a loaded machine let the signal land
+    assert line.startswith(f"stopped: SIGTERM in epoch {saved['epoch'] + 1} after step {saved['step']} of 10")
+    assert saved["step"] >= 2 and not (out / ".lock").exists()
     rc, printed, _ = cifar_main(capsys, *argv, "--resume")
     assert rc == 0 and f"at epoch 0, step {saved['step']}" in printed
     rc, _, _ = cifar_main(capsys, *[a if a != str(out) else str(tmp_path / "straight") for a in argv])
@@ -285,8 +288,14 @@ def test_torchrun_sigterm_all_ranks_stop_at_one_step_without_a_traceback(fake_ci
     stopped = [ln for ln in errs[0].splitlines() if ln.startswith("stopped:")]
     assert len(stopped) == 1 and "stopped:" not in errs[1], errs
     saved = torch.load(out / "last.pt", weights_only=True)
-    assert stopped[0].startswith(f"stopped: SIGTERM in epoch 1 after step {saved['step']} of 20")
-    assert saved["epoch"] == 0 and saved["step"] % runfolder.STOP_CHECK_EVERY == 0 and len(saved["loss_sums"]) == 2
+    # Where the ranks stop depends on when the signal lands (a loaded machine delays this test's poll): at a
+    # shared check, every STOP_CHECK_EVERY steps, or at an epoch's end; never anywhere else.
+    if "step" in saved:
+        assert stopped[0].startswith(f"stopped: SIGTERM in epoch {saved['epoch'] + 1} after step {saved['step']} "
+                                     f"of 20"), stopped
+        assert saved["step"] % runfolder.STOP_CHECK_EVERY == 0 and len(saved["loss_sums"]) == 2
+    else:
+        assert stopped[0].startswith(f"stopped: SIGTERM in epoch {saved['epoch']}: saved "), stopped   # completed epochs
     torchrun(["train_cifar.py", *argv, "--out", str(out), "--resume"], cwd=ROOT)
     torchrun(["train_cifar.py", *argv, "--out", str(tmp_path / "straight")], cwd=ROOT)
     # The weights and losses are bit-identical; BatchNorm's running statistics, averaged over the ranks at the

@@ -824,13 +824,18 @@ if tl is not None:
         return nm, z1, zt, w, arg
 
     @triton.jit
-    def _kd_block_stats(x, other, mask, k0, inv_tau):
+    def _kd_block_stats(x, other, mask, k0, inv_tau, POW4: tl.constexpr):
         xm = tl.where(mask, x, float("-inf"))
         bm = tl.max(xm, axis=1)
         barg = tl.argmax(xm, axis=1).to(tl.int32) + k0
         bs = tl.where(bm == float("-inf"), 0.0, bm)
-        e1 = tl.where(mask, tl.exp(x - bs[:, None]), 0.0)
-        et = tl.where(mask, tl.exp((x - bs[:, None]) * inv_tau), 0.0)
+        if POW4:   # tau = 4, same max: exp(x - m) = exp((x - m) / 4) ** 4, one exponential fewer per element
+            et = tl.where(mask, tl.exp((x - bs[:, None]) * inv_tau), 0.0)
+            e1 = et * et
+            e1 = e1 * e1
+        else:      # (this order: the compile of the default launch stays as it was)
+            e1 = tl.where(mask, tl.exp(x - bs[:, None]), 0.0)
+            et = tl.where(mask, tl.exp((x - bs[:, None]) * inv_tau), 0.0)
         bw = tl.sum(tl.where(mask, et * (x - other), 0.0), axis=1) * inv_tau
         return bm, tl.sum(e1, axis=1), tl.sum(et, axis=1), bw, barg
 
@@ -880,9 +885,19 @@ if tl is not None:
         tl.store(stats_ptr + 7 * N + rows, js.to(tl.float32), mask=row_ok)
 
     @triton.jit
+    def _kd_softmax1(x, lse, p, L, POW4: tl.constexpr):
+        # The tau = 1 softmax exp(x - lse) of a tile whose tau softmax is p = exp(x / tau - L). POW4 (tau = 4):
+        # p**4 * exp(4 L - lse), a per-row factor (>= 1, as Z_tau**4 >= Z_1): one exponential fewer per element.
+        if POW4:
+            q = p * p
+            return q * q * tl.exp(4.0 * L - lse)[:, None]
+        else:
+            return tl.exp(x - lse[:, None])
+
+    @triton.jit
     def _kd_grad_tile(s, t, cols, y, valid, jt, js, sy, ty, s_jt, t_jt, s_js, t_js, LS, LT, lse_s, lse_t,
                   d_ts, d_st, g_kts, g_kst, g_ces, g_cet, g_lses, g_lset, g_gap, tau, inv_tau,
-                  ADJUST: tl.constexpr, DETACH: tl.constexpr):
+                  ADJUST: tl.constexpr, DETACH: tl.constexpr, POW4: tl.constexpr):
         # One [ROWS, BLOCK_K] tile of ds and dt (fp32); see the formulas at the top of this section.
         a = s * inv_tau
         b = t * inv_tau
@@ -907,9 +922,9 @@ if tl is not None:
         c1s = (g_ces + g_lses - g_gap)[:, None]
         c1t = (g_cet + g_lset + g_gap)[:, None]
         ds = (g_kts * tau)[:, None] * (ps - tl.exp(b_pi - LT[:, None])) \
-            + c1s * tl.exp(s - lse_s[:, None]) - tl.where(is_y, g_ces[:, None], 0.0)
+            + c1s * _kd_softmax1(s, lse_s, ps, LS, POW4) - tl.where(is_y, g_ces[:, None], 0.0)
         dt = (g_kst * tau)[:, None] * (pt - tl.exp(a_sg - LS[:, None])) \
-            + c1t * tl.exp(t - lse_t[:, None]) - tl.where(is_y, g_cet[:, None], 0.0)
+            + c1t * _kd_softmax1(t, lse_t, pt, LT, POW4) - tl.where(is_y, g_cet[:, None], 0.0)
         if not DETACH:
             ds += (g_kst * tau)[:, None] * ps * (lps - (b_sg - LT[:, None]) - d_st[:, None])
             dt += (g_kts * tau)[:, None] * pt * (lpt - (a_pi - LS[:, None]) - d_ts[:, None])
@@ -921,7 +936,8 @@ if tl is not None:
     def _kd_grad_loop(s_ptr, t_ptr, ds_ptr, dt_ptr, g_ptr, rows, row_ok, valid, y, jt, js, off_s, off_t,
                   N, K, stride_ds, stride_dt, g_sf, g_sn, k_start, k_stop, LS, LT, lse_s, lse_t, d_ts, d_st,
                   sy, ty, tau, inv_tau, BLOCK_K: tl.constexpr, ADJUST: tl.constexpr, DETACH: tl.constexpr,
-                  WRITE_DS: tl.constexpr, WRITE_DT: tl.constexpr, OFF64: tl.constexpr):
+                  WRITE_DS: tl.constexpr, WRITE_DT: tl.constexpr, OFF64: tl.constexpr,
+                  NUM_STAGES: tl.constexpr, POW4: tl.constexpr):
         # Per-row scalars of the index remap and the upstream gradients, then the K blocks.
         s_jt = tl.load(s_ptr + off_s + jt, mask=valid, other=0.0).to(tl.float32)
         t_jt = tl.load(t_ptr + off_t + jt, mask=valid, other=0.0).to(tl.float32)
@@ -936,7 +952,7 @@ if tl is not None:
         g_gap = tl.load(g_ptr + 6 * g_sf + rows * g_sn, mask=valid, other=0.0)
         off_ds = _kd_row_offsets(rows, stride_ds, OFF64)
         off_dt = _kd_row_offsets(rows, stride_dt, OFF64)
-        for k0 in range(k_start, k_stop, BLOCK_K):
+        for k0 in tl.range(k_start, k_stop, BLOCK_K, num_stages=NUM_STAGES):
             cols = k0 + tl.arange(0, BLOCK_K)
             m2 = row_ok[:, None] & (cols[None, :] < K)
             lm = valid[:, None] & (cols[None, :] < K)
@@ -944,7 +960,7 @@ if tl is not None:
             t = tl.load(t_ptr + off_t[:, None] + cols[None, :], mask=lm, other=0.0).to(tl.float32)
             ds, dt = _kd_grad_tile(s, t, cols, y, valid, jt, js, sy, ty, s_jt, t_jt, s_js, t_js, LS, LT,
                                lse_s, lse_t, d_ts, d_st, g_kts, g_kst, g_ces, g_cet, g_lses, g_lset, g_gap,
-                               tau, inv_tau, ADJUST, DETACH)
+                               tau, inv_tau, ADJUST, DETACH, POW4)
             if WRITE_DS:
                 tl.store(ds_ptr + off_ds[:, None] + cols[None, :], ds.to(ds_ptr.dtype.element_ty), mask=m2)
             if WRITE_DT:
@@ -956,10 +972,12 @@ if tl is not None:
                       tau, inv_tau, ignore_index,
                       ROWS: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, ADJUST: tl.constexpr,
                       GRAD: tl.constexpr, DETACH: tl.constexpr, WRITE_DS: tl.constexpr,
-                      WRITE_DT: tl.constexpr, OFF64: tl.constexpr):
+                      WRITE_DT: tl.constexpr, OFF64: tl.constexpr, NUM_STAGES: tl.constexpr,
+                      POW4: tl.constexpr):
         # Grid (row blocks, K splits). One read of s and t per program's K range. SPLIT: store the
         # partial online-softmax states for kd_merge_kernel; else finalize here and, with GRAD
         # (gradient-in-forward mode), sweep the row again writing ds and dt (L2-resident re-read).
+        # NUM_STAGES: software pipelining of both K loops (None: the compiler's default); POW4: tau = 4.
         pid_r = tl.program_id(0)
         pid_k = tl.program_id(1)
         rows = pid_r * ROWS + tl.arange(0, ROWS)
@@ -968,14 +986,14 @@ if tl is not None:
         mt, z1t, ztt, wt, jt = _kd_empty_state(ROWS)
         k_start = pid_k * k_per_split
         k_stop = tl.minimum(k_start + k_per_split, K)
-        for k0 in range(k_start, k_stop, BLOCK_K):
+        for k0 in tl.range(k_start, k_stop, BLOCK_K, num_stages=NUM_STAGES):
             cols = k0 + tl.arange(0, BLOCK_K)
             mask = valid[:, None] & (cols[None, :] < k_stop)
             s = tl.load(s_ptr + off_s[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             t = tl.load(t_ptr + off_t[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            bm, bz1, bzt, bw, barg = _kd_block_stats(s, t, mask, k0, inv_tau)
+            bm, bz1, bzt, bw, barg = _kd_block_stats(s, t, mask, k0, inv_tau, POW4)
             ms, z1s, zts, ws, js = _kd_merge(ms, z1s, zts, ws, js, bm, bz1, bzt, bw, barg, inv_tau)
-            bm, bz1, bzt, bw, barg = _kd_block_stats(t, s, mask, k0, inv_tau)
+            bm, bz1, bzt, bw, barg = _kd_block_stats(t, s, mask, k0, inv_tau, POW4)
             mt, z1t, ztt, wt, jt = _kd_merge(mt, z1t, ztt, wt, jt, bm, bz1, bzt, bw, barg, inv_tau)
         if SPLIT:
             nsp = tl.num_programs(1)
@@ -999,7 +1017,8 @@ if tl is not None:
             if GRAD:
                 _kd_grad_loop(s_ptr, t_ptr, ds_ptr, dt_ptr, g_ptr, rows, row_ok, valid, y, jt, js, off_s, off_t,
                           N, K, stride_ds, stride_dt, g_sf, g_sn, 0, K, LS, LT, lse_s, lse_t, d_ts, d_st,
-                          sy, ty, tau, inv_tau, BLOCK_K, ADJUST, DETACH, WRITE_DS, WRITE_DT, OFF64)
+                          sy, ty, tau, inv_tau, BLOCK_K, ADJUST, DETACH, WRITE_DS, WRITE_DT, OFF64,
+                          NUM_STAGES, POW4)
 
     @triton.jit
     def _kd_merge_kernel(s_ptr, t_ptr, y_ptr, rows_ptr, stats_ptr, part_ptr, N, stride_s, stride_t, n_splits,
@@ -1032,9 +1051,9 @@ if tl is not None:
     def _kd_bwd_kernel(s_ptr, t_ptr, y_ptr, stats_ptr, g_ptr, ds_ptr, dt_ptr, N, K, stride_s, stride_t,
                       stride_ds, stride_dt, g_sf, g_sn, tau, inv_tau, ignore_index,
                       ROWS: tl.constexpr, BLOCK_K: tl.constexpr, ADJUST: tl.constexpr, DETACH: tl.constexpr,
-                      WRITE_DS: tl.constexpr, WRITE_DT: tl.constexpr, OFF64: tl.constexpr):
+                      WRITE_DS: tl.constexpr, WRITE_DT: tl.constexpr, OFF64: tl.constexpr, POW4: tl.constexpr):
         # Grid (row blocks, K blocks): each program reads its tile of s and t once and writes its
-        # tile of ds and dt once; everything else comes from the per-row statistics.
+        # tile of ds and dt once (one K block: nothing to pipeline); the rest comes from the per-row statistics.
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         row_ok, valid, y, off_s, off_t = _kd_rows(y_ptr, rows, N, stride_s, stride_t, ignore_index, OFF64)
         LS = tl.load(stats_ptr + 0 * N + rows, mask=row_ok, other=0.0)
@@ -1051,7 +1070,7 @@ if tl is not None:
         _kd_grad_loop(s_ptr, t_ptr, ds_ptr, dt_ptr, g_ptr, rows, row_ok, valid, y, jt, js, off_s, off_t,
                   N, K, stride_ds, stride_dt, g_sf, g_sn, k0, tl.minimum(k0 + BLOCK_K, K),
                   LS, LT, lse_s, lse_t, d_ts, d_st, sy, ty, tau, inv_tau, BLOCK_K, ADJUST, DETACH,
-                  WRITE_DS, WRITE_DT, OFF64)
+                  WRITE_DS, WRITE_DT, OFF64, None, POW4)
 
     @triton.jit
     def _kd_rescale_kernel(x_ptr, numel, g_ptr, applied_ptr, BLOCK: tl.constexpr):
@@ -1101,7 +1120,9 @@ _N_STATS = 8                              # LS, LT, lse_s, lse_t, D_ts, D_st, jt
 _N_PART = 10                              # split-K partials: (m, Z1, Zt, W, arg) for s and for t
 
 # Launch configuration overrides (tests force several K blocks, several rows per program, split-K;
-# a GPU session can sweep them). Keys: block_k, rows, splits, bwd_block_k, bwd_rows, num_warps.
+# a GPU session can sweep them). Keys: block_k, rows, splits, bwd_block_k, bwd_rows, num_warps,
+# num_stages (software pipelining of the forward's K loops; unset: the compiler's default) and
+# pow4_exp (tau = 4 only: exp(x - m) as exp((x - m) / 4) ** 4, one exponential fewer per element).
 _KD_TUNE: dict = {}
 _GPU_BWD_MAX_ROWS = 4   # rows per backward program on a GPU (kernels/aot_check.py: more spill at K = 100)
 
@@ -1193,7 +1214,19 @@ def _kd_config(n: int, k: int, elem_size: int, device: torch.device) -> dict:
             "gif_rows": gif_rows, "gif_block_k": gif_block_k,
             # 8 warps from 1024 elements (aot_check: at 4, 2048 fp32 take 253 registers and 1024 fp16
             # with detached targets spill 4 bytes on sm_90).
-            "gif_num_warps": tune.get("num_warps") or (4 if gif_rows * gif_block_k < 1024 else 8)}
+            "gif_num_warps": tune.get("num_warps") or (4 if gif_rows * gif_block_k < 1024 else 8),
+            "num_stages": tune.get("num_stages"), "pow4_exp": bool(tune.get("pow4_exp"))}
+
+
+def _pow4_exp(cfg: dict, tau: float) -> bool:
+    """Whether the kernels take exp(x - m) as exp((x - m) / tau) ** 4: only at tau = 4. Forced through
+    ``_KD_TUNE`` at another tau it is refused (ValueError); a measured winner (``bench_kd.py --tune`` times
+    it at tau = 4) is ignored there."""
+    if not cfg["pow4_exp"] or tau == 4.0:
+        return cfg["pow4_exp"]
+    if _KD_TUNE.get("pow4_exp"):
+        raise ValueError(f"kd_core._KD_TUNE['pow4_exp'] needs tau == 4 (exp(x) = exp(x / 4) ** 4); got tau={tau}")
+    return False
 
 
 def _prep(s: torch.Tensor, t: torch.Tensor, labels: torch.Tensor):
@@ -1216,6 +1249,7 @@ def _launch_fwd(s, t, labels, tau, adjust, ignore_index, grad=None, out=None):
     s, t, labels = _prep(s, t, labels)
     n, k = s.shape
     cfg = _kd_config(n, k, s.element_size(), s.device)
+    pow4 = _pow4_exp(cfg, tau)
     if out is not None:
         rows, stats, ds, dt = out
     else:
@@ -1247,7 +1281,8 @@ def _launch_fwd(s, t, labels, tau, adjust, ignore_index, grad=None, out=None):
         n, k, s.stride(0), t.stride(0), sds, sdt, 1, 0, cfg["k_per_split"],
         tau, 1.0 / tau, ignore_index,
         ROWS=prog_rows, BLOCK_K=block_k, SPLIT=split, ADJUST=adjust, GRAD=fused, DETACH=detach,
-        WRITE_DS=fused and write_ds, WRITE_DT=fused and write_dt, OFF64=off64, num_warps=warps)
+        WRITE_DS=fused and write_ds, WRITE_DT=fused and write_dt, OFF64=off64, NUM_STAGES=cfg["num_stages"],
+        POW4=pow4, num_warps=warps)
     if split:
         kern["merge"][(row_progs,)](s, t, labels, rows, stats, part, n, s.stride(0), t.stride(0), cfg["splits"],
                                     tau, 1.0 / tau, ignore_index, ROWS=cfg["rows"], ADJUST=adjust, OFF64=off64)
@@ -1269,7 +1304,7 @@ def _launch_bwd_into(s, t, labels, stats, g, g_sf, g_sn, tau, adjust, ignore_ind
         s, t, labels, stats, g, ds if write_ds else s, dt if write_dt else t, n, k, s.stride(0), t.stride(0),
         sds, sdt, g_sf, g_sn, tau, 1.0 / tau, ignore_index,
         ROWS=cfg["bwd_rows"], BLOCK_K=cfg["bwd_block_k"], ADJUST=adjust, DETACH=detach,
-        WRITE_DS=write_ds, WRITE_DT=write_dt, OFF64=off64,
+        WRITE_DS=write_ds, WRITE_DT=write_dt, OFF64=off64, POW4=_pow4_exp(cfg, tau),
         num_warps=4 if cfg["bwd_rows"] * cfg["bwd_block_k"] <= 2048 else 8)
 
 

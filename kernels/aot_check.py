@@ -161,6 +161,7 @@ class Compiled:
     spill_stores: int = -1
     spill_loads: int = -1
     shared: int = -1
+    exponentials: int = -1   # ex2 instructions in the PTX (pow4_exp saves one per element)
     error: str = ""
     seconds: float = 0.0
     used_by: list[str] = field(default_factory=list)
@@ -178,14 +179,15 @@ class Compiled:
         return out
 
 
-_FLAGS = ("ADJUST", "DETACH", "SPLIT", "GRAD", "WRITE_DS", "WRITE_DT", "OFF64")
+_FLAGS = ("ADJUST", "DETACH", "SPLIT", "GRAD", "WRITE_DS", "WRITE_DT", "OFF64", "POW4")
 
 
 def _describe(launch: Launch, options) -> str:
     kw = launch.kwargs
     shape = f"{kw['ROWS']}x{kw['BLOCK_K']}" if "BLOCK_K" in kw else f"{kw.get('ROWS', kw.get('BLOCK'))}"
     flags = [f.lower() for f in _FLAGS if kw.get(f)]
-    return " ".join([shape, f"w{options.num_warps}", *flags])
+    stages = [f"stages{kw['NUM_STAGES']}"] if kw.get("NUM_STAGES") is not None else []
+    return " ".join([shape, f"w{options.num_warps}", *stages, *flags])
 
 
 class AotCompiler:
@@ -238,6 +240,7 @@ class AotCompiler:
                 kernel = triton.compile(ASTSource(launch.fn, signature, constexprs, attrs),
                                         target=GPUTarget("cuda", target.capability, 32), options=options.__dict__)
             result.shared = int(kernel.metadata.shared)
+            result.exponentials = kernel.asm["ptx"].count("ex2.approx")
             _parse_ptxas(log.getvalue(), result)
         except Exception as exc:  # any compile failure is a finding, reported in the table
             result.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"

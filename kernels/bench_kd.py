@@ -147,13 +147,15 @@ def bench_one(name, fn, s0, t0, y, device, iters, warmup):
     return out
 
 
-def tune_candidates(n: int, k: int, dtype: torch.dtype, n_sm: int) -> list[dict]:
+def tune_candidates(n: int, k: int, dtype: torch.dtype, n_sm: int, tau: float = TAU) -> list[dict]:
     """The launch configurations ``--tune`` times for one shape, as ``kd_core._KD_TUNE`` overrides: the
     heuristic default first, then twice the warps (more threads per program: fewer registers per thread, and
     more loads in flight where one program per SM is latency-bound; fewer warps spilled the 16-bit
-    gradient-in-forward tile), half the tile width, and split-K switched (off when the heuristic splits, on
-    with 2 splits when K has room for it). kernels/aot_check.py --candidates compiles every one of them for
-    sm_90 and sm_80 (no spill allowed)."""
+    gradient-in-forward tile), half the tile width, split-K switched (off when the heuristic splits, on
+    with 2 splits when K has room for it), the forward's K loops software-pipelined in 2 stages (the next
+    tile's loads in flight during this one's math; not for fp32 gradient-in-forward tiles of 2048 elements,
+    which then spill 8 B on sm_80), and at tau = 4 the cheaper exponent (exp(x - m) as exp((x - m) / 4) ** 4).
+    kernels/aot_check.py --candidates compiles every one of them for sm_90 and sm_80 (no spill allowed)."""
     saved_sm = kd_core._sm_count
     kd_core._sm_count = lambda device: n_sm
     try:
@@ -167,6 +169,10 @@ def tune_candidates(n: int, k: int, dtype: torch.dtype, n_sm: int) -> list[dict]
         out.append({"splits": 1})
     elif k >= 4 * cfg["block_k"]:
         out.append({"splits": 2})
+    if dtype != torch.float32 or cfg["gif_rows"] * cfg["gif_block_k"] < 2048:
+        out.append({"num_stages": 2})
+    if tau == 4:
+        out.append({"pow4_exp": True})
     return out
 
 

@@ -3,6 +3,7 @@ no spill, shared memory within the target (kernels/aot_check.py, run outside the
 
 CI compiles a representative subset; PESF_AOT_FULL=1 compiles every launch the launchers choose
 (every shape, dtype, path and variant on both targets: several minutes on two cores)."""
+import json
 import os
 import subprocess
 import sys
@@ -43,3 +44,34 @@ def test_kernels_compile_for_gpu_targets_without_spills():
     for kernel, config, dtype, target, registers, spills, shared, _ in rows:
         assert 0 < int(registers) <= 255 and spills == "0/0", (kernel, config, dtype, target, registers, spills)
         assert 0 <= int(shared) <= (232448 if target == "sm_90" else 166912)
+
+
+@pytest.mark.skipif(not _aot_supported(),
+                    reason="needs a triton with knobs, the JIT binder internals and its bundled ptxas (as 3.8)")
+def test_stage_and_exponent_candidates_change_the_compiled_forward():
+    """The tune keys reach the compiled code (the interpreter ignores num_stages): on sm_90 the forward with
+    num_stages = 2 stages its K loop's loads through shared memory, pow4_exp has fewer exponentials in its PTX,
+    and the default launch neither (three compiles)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = """if True:
+        import json, torch, aot_check
+        target, compiler = aot_check.TARGETS[0], aot_check.AotCompiler()
+        out = {}
+        for name, tune in (("default", {}), ("stages", {"num_stages": 2}), ("pow4", {"pow4_exp": True})):
+            [launch] = aot_check.record_launches(8192, 32768, torch.float32, target.n_sm,
+                                                 ("fwd", True, False, False, False), tune)
+            r = compiler.compile(launch, target, name)
+            out[name] = (r.error, r.spill_stores + r.spill_loads, r.shared, r.exponentials, r.config)
+        print(json.dumps(out))"""
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT / "kernels", env=env, capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    for name, (error, spills, _, exponentials, _) in got.items():
+        assert error == "" and spills == 0 and exponentials > 0, (name, got[name])
+    (_, _, shared, exps, config), (_, _, shared_st, exps_st, config_st), (_, _, shared_p4, exps_p4, config_p4) = \
+        got["default"], got["stages"], got["pow4"]
+    assert "stages2" in config_st and "stages" not in config and "pow4" in config_p4 and "pow4" not in config
+    # a 1 x 4096 fp32 tile of s and t (32 KiB) waits in shared memory for the next iteration
+    assert shared_st >= shared + 2 * 4096 * 4 and shared_p4 == shared, got
+    assert exps_p4 < exps and exps_st == exps, got

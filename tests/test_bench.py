@@ -65,6 +65,12 @@ def test_tune_candidates_start_with_the_heuristic_and_vary_warps_tile_and_split(
     assert any("block_k" in c for c in big)
     split = bench_kd.tune_candidates(1, 262144, torch.float32, 132)   # the heuristic splits K here
     assert {"splits": 1} in split
+    # software pipelining and, at tau = 4 only, the cheaper exponent
+    assert {"num_stages": 2} in big and {"pow4_exp": True} in big
+    assert {"pow4_exp": True} not in bench_kd.tune_candidates(4096, 131072, torch.bfloat16, 132, tau=2.0)
+    # ... but no pipelining of the fp32 gradient-in-forward tile of 2048 elements (spills on sm_80)
+    assert {"num_stages": 2} not in bench_kd.tune_candidates(8192, 32768, torch.float32, 108)
+    assert {"num_stages": 2} in bench_kd.tune_candidates(256, 1000, torch.float32, 108)
     assert kd_core._KD_TUNE == {}
 
 

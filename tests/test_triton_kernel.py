@@ -417,6 +417,88 @@ def test_distill_loss_matches_torch_and_never_overwrites_saved_tensors(detach, d
     assert math.isfinite(float(terms.kl_ts))
 
 
+# ---------------------------------------------------------------------------------------------
+# Tune candidates that change the kernel code: the tau = 4 exponent, software pipelining
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("config", [{}, {"block_k": 16, "rows": 2, "bwd_block_k": 16, "bwd_rows": 2},
+                                    {"splits": 2, "block_k": 16}])
+def test_pow4_exponent_at_tau_4_matches_float64(dtype, config):
+    """pow4_exp: the tau = 1 exponentials taken as exp((x - m) / 4) ** 4 (forward statistics, the
+    gradient tile of the backward and of the gradient-in-forward forward), against the float64 reference."""
+    kd_core._KD_TUNE.update({**config, "pow4_exp": True, "num_stages": 2})
+    g = torch.Generator().manual_seed(7)
+    n, k = 6, 45
+    s = (torch.randn(n, k, generator=g) * 8).to(dtype).to(DEVICE)        # wide logits: tiny e_t**4 terms
+    t = (torch.randn(n, k, generator=g) * 3 + 5).to(dtype).to(DEVICE)
+    y = torch.tensor([1, 5, -100, 44, int(t[4].float().argmax()), 7], device=DEVICE)
+    w = [0.9, 0.5, 0.1, 0.3, 0.2, -0.2, 0.7]
+    tol = tolerances(dtype)
+    for detach in (False, True):
+        args = (s, t, y, 4.0, True, -100, detach, "sum", w)
+        tv, tds, tdt = run_backend(*args, backend="triton")
+        rv, rds, rdt = ref64(*args)
+        for f, a, r in zip(FIELDS, tv, rv):
+            assert_close(a, r, 2e-5, f"value {f} detach={detach}")
+        assert_close(tds, rds, tol, f"ds detach={detach}")
+        assert_close(tdt, rdt, tol, f"dt detach={detach}")
+        # gradient-in-forward (distill_loss): the same weights on the mean-reduced fields
+        ss, tt = s.detach().clone().requires_grad_(), t.detach().clone().requires_grad_()
+        loss, _ = kd_core.distill_loss(ss, tt, y, 4.0, dict(zip(FIELDS, w)), adjust=True, detach_targets=detach,
+                                       backend="triton")
+        loss.backward()
+        rv, rds, rdt = ref64(s, t, y, 4.0, True, -100, detach, "mean", w)
+        assert_close(loss, sum(wi * r for wi, r in zip(w, rv)), 2e-5, "distill_loss")
+        assert_close(ss.grad, rds, tol, f"distill_loss ds detach={detach}")
+        assert_close(tt.grad, rdt, tol, f"distill_loss dt detach={detach}")
+
+
+def test_pow4_exponent_is_refused_at_other_tau():
+    """Forced through _KD_TUNE at tau != 4, pow4_exp is a ValueError (it would silently compute exp(x)
+    as exp(x / tau) ** 4); a measured winner asking for it (no _KD_TUNE entry) is ignored there."""
+    kd_core._KD_TUNE.update({"pow4_exp": True})
+    s, t = torch.randn(3, 8, device=DEVICE), torch.randn(3, 8, device=DEVICE)
+    y = torch.tensor([0, 7, 2], device=DEVICE)
+    for tau in (1.0, 2.0, 3.9):
+        with pytest.raises(ValueError, match="pow4_exp"):
+            kd_core.distill_terms(s, t, y, tau, backend="triton")
+        with pytest.raises(ValueError, match="pow4_exp"):
+            kd_core.distill_loss(s.clone().requires_grad_(), t, y, tau, {"kl_ts": 1.0}, backend="triton")
+    kd_core.distill_terms(s, t, y, 4.0, backend="triton")
+    kd_core._KD_TUNE.clear()
+    assert kd_core._pow4_exp({"pow4_exp": True}, 2.0) is False      # a winners-file entry at another tau
+    assert kd_core._pow4_exp({"pow4_exp": True}, 4.0) is True
+    assert kd_core._pow4_exp({"pow4_exp": False}, 4.0) is False
+
+
+def test_launchers_pass_the_tune_stages_and_exponent_to_the_kernels(monkeypatch):
+    """num_stages reaches the forward kernel's K loops (None by default: today's compile, the compiler's
+    default); pow4_exp reaches every kernel with element exponentials. The interpreter ignores num_stages,
+    so its effect on the compiled loop is checked by tests/test_aot_compile.py."""
+    calls = []
+
+    class Recorder:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: calls.append((self.name, kwargs))
+
+    monkeypatch.setattr(kd_core, "_TRITON", {**kd_core._TRITON, **{k: Recorder(k) for k in ("fwd", "merge", "bwd")}})
+    s, t, y = torch.zeros(4, 64), torch.zeros(4, 64), torch.zeros(4, dtype=torch.long)
+    stats, g = torch.zeros(kd_core._N_STATS, 4), torch.zeros(7, 4)
+    for tune, stages, pow4 in (({}, None, False), ({"num_stages": 3, "pow4_exp": True}, 3, True),
+                               ({"num_stages": 2, "splits": 2, "block_k": 16}, 2, False)):
+        kd_core._KD_TUNE.clear()
+        kd_core._KD_TUNE.update(tune)
+        calls.clear()
+        kd_core._launch_fwd(s, t, y, 4.0, True, -100)
+        kd_core._launch_fwd(s, t, y, 4.0, True, -100, grad=(g[:, 0], False, True, True))
+        kd_core._launch_bwd(g, s, t, y, stats, 4.0, True, -100, False, True, True)
+        assert {kw["NUM_STAGES"] for name, kw in calls if name == "fwd"} == {stages}, tune
+        assert {kw["POW4"] for name, kw in calls if name in ("fwd", "bwd")} == {pow4}, tune
+
+
 def test_distill_loss_grad_only_where_needed():
     s = torch.randn(3, 8, device=DEVICE, requires_grad=True)
     t = torch.randn(3, 8, device=DEVICE)              # frozen teacher: dt is never written

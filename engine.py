@@ -125,13 +125,15 @@ NOT_NEGATIVE = {"save_every": "a number of steps (0: only at epoch ends)", "limi
                 "dev rows (0: all)", "benchmark_steps": "a number of steps (0: train)", "workers": "a number of "
                 "processes", "warmup_epochs": "a number of epochs", "lr": "a learning rate", "teacher_lr":
                 "a learning rate", "adapter_lr": "a learning rate", "weight_decay": "a weight", "w_tce": "a loss "
-                "weight", "w_tkl": "a loss weight", "feat_weight": "a loss weight"}
-UNIT_INTERVAL = {"alpha": "the KL weight; the student's CE weight is 1 - alpha", "momentum": "SGD momentum"}
+                "weight", "w_tkl": "a loss weight", "w_ce": "a loss weight", "feat_weight": "a loss weight"}
+UNIT_INTERVAL = {"alpha": "the KL weight; the student's CE weight defaults to 1 - alpha", "momentum": "SGD momentum"}
 POSITIVE = {"tau": "a temperature", "lr_decay": "the lr factor at each milestone"}
+GRAD_ACCUM_RESETS = ("run", "epoch")   # how grad_accum counts batches: across epochs, or within each
 CHOICES = {"lr_schedule": ("step", "cosine", "linear"), "amp": ("auto", "bf16", "none"),
            "backend": ("auto", "torch", "triton"), "teacher_bn": ("eval", "train"),
            "student_target": ("adapted", "unadapted"), "teacher_kl": ("paper", "official"),
-           "crd_negatives": ("other_class", "uniform")}
+           "crd_negatives": ("other_class", "uniform"), "teacher_params": ("adapters", "all"),
+           "grad_accum_reset": GRAD_ACCUM_RESETS}
 
 
 def check_values(cfg) -> None:
@@ -208,40 +210,52 @@ DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPER
                errno.EEXIST)
 
 
+def expected_failure(err: BaseException) -> bool:
+    """A failure of the input, the data, the disk or the training (not of the code): what ``cli`` reports in
+    one line, and what ``multirun`` lets the other runs go on after without a traceback."""
+    return isinstance(err, (ValueError, FileNotFoundError, IsADirectoryError, NonFiniteLoss, FloatingPointError)) \
+        or (isinstance(err, OSError) and err.errno in DISK_ERRORS)
+
+
 def cli(body) -> int:
     """Run ``body()``; bad input of any kind is one line on stderr and exit status 2, never a traceback.
     Ctrl-C is one line naming the last checkpoint and how to continue (exit status 130); SIGTERM or SIGUSR1
     (preemption) one line with the command that continues from the checkpoint saved on it (128 + signal)."""
-    finished = False
-    try:
-        with runfolder.preemption_handlers():
-            body()
-        finished = True
-    except runfolder.Preempted as err:
-        finished = True   # every rank stopped at the same step: they close the process group together
-        if not dist.is_initialized() or dist.get_rank() == 0:
-            print(f"stopped: {err}; continue with: {runfolder.resume_command()}", file=sys.stderr)
-        return 128 + err.signum
-    except (ValueError, FileNotFoundError, IsADirectoryError, NonFiniteLoss, FloatingPointError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:
-        if err.errno not in DISK_ERRORS:
-            raise
-        print(f"error: {runfolder.write_failure(err, _current_run)}", file=sys.stderr)
-        return 2
-    except RuntimeError as err:
-        if not peer_failure(err):
-            raise
-        reason = str(err).strip().splitlines()[0]
-        print(f"error: another process of this torchrun job stopped ({reason[:160]}); "
-              f"{_resume_hint(_current_run)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"\ninterrupted: {_resume_hint(_current_run)}", file=sys.stderr)
-        return 130
-    finally:
-        shutdown_distributed(synchronize=finished)
+    # The handlers stay until the outcome's line is printed: a signal while a failure is being reported (torchrun
+    # stopping the survivors of a dead rank) is only recorded, so that the failure's line comes first.
+    with runfolder.preemption_handlers():
+        finished = False
+        try:
+            with runfolder.stop_at_once():
+                body()
+            finished = True
+        except runfolder.Preempted as err:
+            # Ranks that agreed on the stop close the process group together; a rank stopped alone (a signal
+            # outside the training loop) must not wait in a barrier the others never reach.
+            finished = err.agreed
+            if not dist.is_initialized() or dist.get_rank() == 0:
+                print(f"stopped: {err}; continue with: {runfolder.resume_command()}", file=sys.stderr)
+            return 128 + err.signum
+        except (ValueError, FileNotFoundError, IsADirectoryError, NonFiniteLoss, FloatingPointError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        except OSError as err:
+            if err.errno not in DISK_ERRORS:
+                raise
+            print(f"error: {runfolder.write_failure(err, _current_run)}", file=sys.stderr)
+            return 2
+        except RuntimeError as err:
+            if not peer_failure(err):
+                raise
+            reason = str(err).strip().splitlines()[0]
+            print(f"error: another process of this torchrun job stopped ({reason[:160]}); "
+                  f"{_resume_hint(_current_run)}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print(f"\ninterrupted: {_resume_hint(_current_run)}", file=sys.stderr)
+            return 130
+        finally:
+            shutdown_distributed(synchronize=finished)
     return 0
 
 
@@ -611,9 +625,6 @@ class NonFiniteLoss(RuntimeError):
 # ----------------------------------------------------------------------------------------------
 # The training step: eager, or the whole step (forward, backward, optimiser) in one CUDA graph
 # ----------------------------------------------------------------------------------------------
-GRAD_ACCUM_RESETS = ("run", "epoch")
-
-
 class CudaGraphs:
     """What a graphed step needs from CUDA: a side stream for the warm-up steps and the capture, and the
     capture itself. The capture waits for this run's stream only (never the whole device, which would

@@ -166,6 +166,8 @@ class Batch(NamedTuple):
 
     def images(self, device: torch.device) -> torch.Tensor:
         """The batch as uint8 ``(B, 3, size, size)`` on ``device``, decoding the encoded files there."""
+        if not len(self.encoded_rows):   # the workers decoded every row (pil, cpu): the rows are in order
+            return self.pixels.to(device, non_blocking=True)
         x = torch.empty(len(self.kinds), 3, self.size, self.size, dtype=torch.uint8, device=device)
         x[self.pixel_rows.to(device)] = self.pixels.to(device, non_blocking=True)
         if len(self.encoded_rows):

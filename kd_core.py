@@ -1146,31 +1146,34 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-_WINNERS: dict = {}   # device index -> the entries of the winners file measured on that card ([] when none)
+# device index -> (the winners file's entries measured on that card, [] when none; the choice per shape)
+_WINNERS: dict = {}
 
 
 def _launch_winner(n: int, k: int, elem_size: int, device: torch.device) -> dict:
     """The ``_KD_TUNE`` overrides ``kernels/bench_kd.py --tune`` measured fastest for this shape on this card:
     read once per device from ``$PESF_KD_WINNERS`` or ``kernels/kd_launch_winners.json`` when present and
     written on a card of the same name; the entry with the same dtype width and power-of-two K bucket and the
-    nearest N (in log scale). ``{}`` (the heuristics) otherwise, on a CPU and under the interpreter."""
+    nearest N (in log scale). ``{}`` (the heuristics) otherwise, on a CPU and under the interpreter. Chosen
+    once per shape: every launch asks."""
     if device.type != "cuda" or _interpreting():
         return {}
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _WINNERS:
         import json
-        import os
         from pathlib import Path
         path = Path(os.environ.get("PESF_KD_WINNERS") or Path(__file__).resolve().parent / "kernels" /
                     "kd_launch_winners.json")
         data = json.loads(path.read_text()) if path.is_file() else {}
         same_card = data.get("device") == torch.cuda.get_device_name(index)
-        _WINNERS[index] = data.get("winners", []) if same_card else []
-    width = {"fp32": 4, "bf16": 2, "fp16": 2}
-    fits = [w for w in _WINNERS[index] if width[w["dtype"]] == elem_size and _next_pow2(w["K"]) == _next_pow2(k)]
-    if not fits:
-        return {}
-    return dict(min(fits, key=lambda w: abs(math.log2(max(w["N"], 1)) - math.log2(max(n, 1))))["tune"])
+        _WINNERS[index] = (data.get("winners", []) if same_card else [], {})
+    entries, chosen = _WINNERS[index]
+    if (n, k, elem_size) not in chosen:
+        width = {"fp32": 4, "bf16": 2, "fp16": 2}
+        fits = [w for w in entries if width[w["dtype"]] == elem_size and _next_pow2(w["K"]) == _next_pow2(k)]
+        best = min(fits, key=lambda w: abs(math.log2(max(w["N"], 1)) - math.log2(max(n, 1))), default=None)
+        chosen[(n, k, elem_size)] = {} if best is None else dict(best["tune"])
+    return chosen[(n, k, elem_size)]
 
 
 def _kd_config(n: int, k: int, elem_size: int, device: torch.device) -> dict:

@@ -57,10 +57,6 @@ class RunErrors(ValueError):
 FINISHED = object()   # what Scheduler.advance returns for a run that has ended
 
 
-# Failures of a run's input or of its training (not of the code): one line each, as when run alone.
-EXPECTED = (ValueError, FileNotFoundError, IsADirectoryError, engine.NonFiniteLoss, FloatingPointError)
-
-
 def default_concurrency(device: str, world: int) -> int:
     """All runs one after another on a CPU or under torchrun, up to ``GPU_CONCURRENCY`` at once on one GPU."""
     return GPU_CONCURRENCY if world == 1 and engine.check_device(device).startswith("cuda") else 1
@@ -108,7 +104,7 @@ class Scheduler:
         except Exception as err:   # the other runs go on; the failure is raised when they have finished
             if engine.peer_failure(err):
                 raise   # the process group is gone: no run of this process can go on
-            if not isinstance(err, EXPECTED):   # a bug: its traceback now, while the others go on
+            if not engine.expected_failure(err):   # a bug: its traceback now, while the others go on
                 traceback.print_exc()
             print(f"[{run.job.name}] failed: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
             self.failures.append((run.job, err))
@@ -141,7 +137,7 @@ class Scheduler:
             names = ", ".join(j.name for j, _ in self.failures)
             message = (f"{len(self.failures)} of {len(self.results) + len(self.failures)} runs failed ({names}); "
                        f"the first: {type(err).__name__}: {err}")
-            if any(not isinstance(e, EXPECTED) for _, e in self.failures):
+            if any(not engine.expected_failure(e) for _, e in self.failures):
                 raise RunFailed(message) from err
             if len(self.failures) == 1:
                 raise err   # one bad run: its own one-line error, as when run alone

@@ -53,9 +53,10 @@ class FolderHasResults(ValueError):
 class Preempted(Exception):
     """The run stopped on a signal after saving its checkpoint; ``signum`` sets the exit status (128 + it)."""
 
-    def __init__(self, message: str, signum: int) -> None:
+    def __init__(self, message: str, signum: int, agreed: bool = True) -> None:
         super().__init__(message)
         self.signum = signum
+        self.agreed = agreed   # every rank stops here (stop_agreed); False: only the rank the signal reached
 
 
 # ----------------------------------------------------------------------------------------------
@@ -169,6 +170,7 @@ def broadcast_object(obj, src: int = 0):
 # ----------------------------------------------------------------------------------------------
 _stop_signal: int | None = None
 _training_loops = 0   # training loops of this process inside graceful_stop(): a signal waits for their next step
+_stops_at_once = False   # inside stop_at_once(): a signal outside a training loop stops the run there
 
 
 def request_stop(signum: int) -> None:
@@ -180,8 +182,21 @@ def request_stop(signum: int) -> None:
 
 def _on_signal(signum: int, frame) -> None:
     request_stop(signum)
-    if not _training_loops:   # loading data, an initialisation stage, writing results: nothing to save yet
-        raise Preempted(f"{signal.Signals(signum).name} outside the training loop: no new checkpoint", signum)
+    if _stops_at_once and not _training_loops:   # loading data, writing results: nothing to save yet
+        raise Preempted(f"{signal.Signals(signum).name} outside the training loop: no new checkpoint", signum,
+                        agreed=False)
+
+
+@contextlib.contextmanager
+def stop_at_once():
+    """The run itself: inside, a stop signal outside a training loop raises ``Preempted`` at once; outside it
+    (the command line reporting how the run ended) a signal is only recorded."""
+    global _stops_at_once
+    _stops_at_once = True
+    try:
+        yield
+    finally:
+        _stops_at_once = False
 
 
 @contextlib.contextmanager
@@ -226,9 +241,10 @@ def stop_agreed(world: int, device: torch.device, step: int | None = None) -> in
         return None
     flag = torch.tensor([_stop_signal or 0], dtype=torch.int64, device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    if int(flag):
-        request_stop(int(flag))   # a rank the signal did not reach stops as well (and starts no further run)
-    return _stop_signal if int(flag) else None
+    agreed = int(flag.item())   # one device-to-host read
+    if agreed:
+        request_stop(agreed)   # a rank the signal did not reach stops as well (and starts no further run)
+    return _stop_signal if agreed else None
 
 
 def resume_command() -> str:

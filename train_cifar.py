@@ -519,6 +519,9 @@ def run_many(cfgs: list[CifarConfig], args: argparse.Namespace) -> list[dict]:
     if concurrent > 1 and world > 1:
         raise engine.ConfigError("--concurrent runs several runs in one process; under torchrun every rank "
                                  "already shares each run: drop --concurrent or torchrun")
+    if concurrent > 1 and len({cfg.deterministic for cfg in cfgs}) > 1:   # torch's setting is the process's
+        raise engine.ConfigError("deterministic is one setting of the whole process: runs of one --concurrent "
+                                 "process must share it (add --concurrent 1)")
     device = torch.device(engine.check_device(cfgs[0].device))
     check_concurrent_graphs(cfgs, concurrent, device)
     jobs = [multirun.Job(Path(folder).name, functools.partial(run_steps, cfg, bool(args.resume), args.overwrite))

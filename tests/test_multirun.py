@@ -144,6 +144,8 @@ def test_concurrent_bad_input(fake_cifar, tmp_path, capsys):
     for extra, message in ((["--concurrent", "2"], "--concurrent N runs the runs of --seeds or --sweep"),
                            (["--seeds", "0,1", "--concurrent", "0"], "--concurrent must be at least 1"),
                            (["--sweep", "tau=2,2", "--concurrent", "2"], "two runs would write the same folder"),
+                           (["--sweep", "deterministic=true,false", "--concurrent", "2"],
+                            "deterministic is one setting of the whole process"),
                            (["--sweep", "tau=2", "--seeds", "0,1", "--benchmark-steps", "2"],
                             "--benchmark-steps with --sweep compares the sweep's configs side by side")):
         assert train_cifar.main([*common, *extra]) == 2, extra
